@@ -1,0 +1,246 @@
+"""Entry points: ddp-train and ddp-predict.
+
+Every error the user can cause ends as one line on stderr and a non-zero exit
+(see ddp.errors for the codes); under mpirun exactly one rank prints it and
+no rank is left waiting for the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import data as ddata
+from .config import Config, _Parser, build_parser, resolve
+from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
+                     UsageError)
+from .log import Log
+from .model import forward, loss_sum
+
+TRAIN_DESCRIPTION = """\
+Train a multilayer perceptron with minibatch SGD, data-parallel over the ranks
+of `mpirun -n N ddp-train ...` (plain `ddp-train` is one process). Each rank
+computes the gradient sums of its shard of every global batch; one Allreduce
+per step makes them meet; every rank applies the same update.
+
+Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
+4 cannot write a checkpoint, model or summary; 128+N interrupted by signal N
+(a checkpoint was written: run the same command to resume)."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def limit_threads(threads: int | None, local_ranks: int) -> int:
+    """BLAS threads per rank: --threads, else this host's cores over its ranks (at least 1)."""
+    from threadpoolctl import threadpool_limits
+
+    n = threads or max(1, _cores() // max(local_ranks, 1))
+    threadpool_limits(limits=n)
+    return n
+
+
+def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:
+    where = f" (rank {rank})" if rank is not None else ""
+    print(f"{prog}: error{where}: {err}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}")
+
+
+def run_train(argv: list[str] | None = None, comm=None) -> int:
+    """ddp-train; returns the exit code. `comm` defaults to MPI (a world of one without mpirun)."""
+    wall_start = time.perf_counter()
+    from coordinator.mpi import launched_rank, make_comm
+    from coordinator.trainer import StopRequest, prepare, summary_text, train
+
+    prog = "ddp-train"
+    speaks = launched_rank() == 0 if comm is None else comm.rank == 0
+    parser = build_parser(prog, TRAIN_DESCRIPTION)
+    if not speaks:  # --help and --version text once, not once per rank
+        parser.print_help = lambda file=None: None
+    cfg, error = None, None
+    try:
+        cfg = resolve(parser.parse_args(argv))
+    except UsageError as e:
+        error = e
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    if comm is None:
+        try:
+            comm = make_comm()
+        except DDPError as e:
+            _print_error(prog, e)
+            return e.exit_code
+    log = Log(comm.rank, prog)
+    stop = StopRequest()
+    try:
+        comm.agree(error)
+        threads = limit_threads(cfg.threads, comm.local_size)
+        error, setup = None, None
+        try:
+            setup = prepare(cfg)
+        except DDPError as e:
+            error = e
+        comm.agree(error)
+        log.info(f"{prog}: {comm.world_size} rank{'s' * (comm.world_size > 1)}, "
+                 f"{threads} BLAS thread{'s' * (threads > 1)} each, {len(setup.train)} training "
+                 f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
+                 f"{setup.layout.size:,} parameters; resolved config:")
+        log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
+        stop.install()
+        summary, _ = train(setup, comm, log, stop, wall_start)
+        summary["threads_per_rank"] = threads
+        if comm.rank == 0:
+            if setup.cfg.summary_json:
+                _write_json(setup.cfg.summary_json, summary)
+            print(summary_text(summary), flush=True)
+        return EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
+    except PeerError as e:
+        return e.exit_code
+    except DDPError as e:
+        if e.collective or comm.world_size == 1:
+            if comm.rank == 0:
+                _print_error(prog, e)
+            return e.exit_code
+        _print_error(prog, e, comm.rank)
+        comm.abort(e.exit_code)
+        return e.exit_code
+    except Exception:
+        traceback.print_exc()
+        _print_error(prog, "internal error (the traceback above is a bug report)",
+                     comm.rank if comm.world_size > 1 else None)
+        if comm.world_size > 1:
+            comm.abort(EXIT_INTERNAL)
+        return EXIT_INTERNAL
+    finally:
+        stop.restore()
+
+
+def train_main() -> None:
+    sys.exit(run_train())
+
+
+# --- ddp-predict -------------------------------------------------------------------
+
+PREDICT_DESCRIPTION = """\
+Apply a model written by `ddp-train --output` to a data set: prints loss and
+accuracy when the data has targets and writes predictions (class indices for
+cross-entropy, outputs for mse) to --output as .npy.
+
+Exit codes: 0 done; 1 internal error; 2 bad input; 4 cannot write the output."""
+
+
+def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
+    """(X, y or None) for ddp-predict: targets are optional here."""
+    training = model_cfg.get("training", {})
+    gen_cfg = Config(seed=int(training.get("seed", 0)), samples=training.get("samples"),
+                     layers=tuple(model_cfg["layers"]), loss=model_cfg["loss"])
+    lower = spec.lower()
+    if lower.endswith(".npz"):
+        return ddata.load_npz(spec, need_y=False)
+    if lower.endswith(".csv") or lower.endswith(".csv.gz"):
+        if not os.path.exists(spec):
+            raise UsageError(f"--data {spec}: no such file")
+        try:
+            table = np.loadtxt(spec, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+        except (ValueError, OSError, EOFError) as e:
+            raise UsageError(f"--data {spec}: not a numeric CSV with a header row ({e})")
+        if table.shape[1] == n_features:
+            return table, None
+        return table[:, :-1], table[:, -1]
+    return ddata.load_table(spec, gen_cfg)
+
+
+def run_predict(argv: list[str] | None = None) -> int:
+    prog = "ddp-predict"
+    p = _Parser(prog=prog, description=PREDICT_DESCRIPTION, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="MODEL.npz", help="model file from ddp-train --output")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="a .npz (X, optional y), a .csv (header; target last, optional) or spiral/digits")
+    p.add_argument("--output", metavar="PREDS.npy",
+                   help="write predictions here (default when the data has no targets: predictions.npy)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
+    try:
+        args = p.parse_args(argv)
+        if args.batch_size <= 0:
+            raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        model = ckpt.load_model(args.model)
+        cfg = model.config
+        dtype = model.params.dtype
+        D, K = model.layout.layers[0], model.layout.layers[-1]
+        X, y = _predict_inputs(args.data, D, cfg)
+        what = f"--data {args.data}"
+        ddata.check_inputs(X, what)
+        if X.shape[1] != D:
+            raise UsageError(f"{what}: samples have {X.shape[1]} features, the model expects {D}")
+        if y is not None:
+            y = ddata.check_targets(np.asarray(y), len(X), cfg["loss"], K, what, dtype)
+        views = model.layout.views(model.params)
+        std = cfg.get("standardize")
+        mean = inv_std = None
+        if std:
+            mean = np.asarray(std["mean"], dtype=dtype)
+            inv_std = 1.0 / np.asarray(std["std"], dtype=dtype)
+        outputs, total_loss, correct = [], 0.0, 0
+        for start in range(0, len(X), args.batch_size):
+            x = np.asarray(X[start:start + args.batch_size], dtype=dtype)
+            if mean is not None:
+                x = (x - mean) * inv_std
+            z = forward(views, cfg["activation"], x)
+            pred = z.argmax(axis=1) if cfg["loss"] == "cross-entropy" else z
+            outputs.append(pred)
+            if y is not None:
+                yb = y[start:start + args.batch_size]
+                if cfg["loss"] == "cross-entropy":
+                    correct += int(np.count_nonzero(pred == yb))
+                total_loss += loss_sum(cfg["loss"], z, yb)
+        preds = np.concatenate(outputs)
+        if y is not None:
+            line = f"{len(X)} samples: loss {total_loss / len(X):.6f}"
+            if cfg["loss"] == "cross-entropy":
+                line += f" accuracy {correct / len(X):.4f}"
+            print(line, flush=True)
+        out = args.output or (None if y is not None else "predictions.npy")
+        if out:
+            try:
+                np.save(out, preds)
+            except OSError as e:
+                raise OutputError(f"cannot write {out}: {e.strerror or e}")
+            print(f"predictions for {len(X)} samples written to {out}", flush=True)
+        return EXIT_OK
+    except SystemExit as e:
+        return int(e.code or 0)
+    except DDPError as e:
+        _print_error(prog, e)
+        return e.exit_code
+    except Exception:
+        traceback.print_exc()
+        _print_error(prog, "internal error (the traceback above is a bug report)")
+        return EXIT_INTERNAL
+
+
+def predict_main() -> None:
+    sys.exit(run_predict())
+
+

@@ -1,0 +1,281 @@
+"""One config object for a training run.
+
+`Config` is a frozen dataclass; every field is a command-line flag (underscores
+become dashes) and a key of the optional `--config FILE.toml`. Flags override
+the file, the file overrides the defaults. Unknown keys and wrong types are
+errors that say how to fix them; the resolved config is logged once and saved
+with checkpoints and the model.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import UsageError
+from .model import ACTIVATIONS, LOSSES
+
+DTYPES = ("float32", "float64")
+
+
+def _opt(help: str, flag: str | None = None, metavar: str | None = None, **kw):
+    """Field metadata: the help text, an alternative flag spelling, a metavar."""
+    return field(metadata={"help": help, "flag": flag, "metavar": metavar}, **kw)
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data: str = _opt("training data: spiral, digits, random:N, or a .npz/.csv file", metavar="SPEC",
+                      default="spiral")
+    samples: int | None = _opt("spiral: points per class (default: 100)", default=None)
+    val_data: str | None = _opt("validation data (same forms as --data)", metavar="SPEC", default=None)
+    val_fraction: float = _opt("hold out this seeded fraction of the data for validation", default=0.0)
+    standardize: bool = _opt("scale inputs to zero mean, unit variance (stats from the training data)",
+                             default=False)
+    # model
+    layers: tuple[int, ...] | None = _opt(
+        "layer sizes including input and output, e.g. 784,256,10 (default: input,100,classes "
+        "from the data)", metavar="N,N,...", default=None)
+    activation: str = _opt("activation of the hidden layers", metavar="{" + ",".join(ACTIVATIONS) + "}",
+                            default="relu")
+    bias: bool = _opt("drop all biases (--no-bias)", default=True)
+    loss: str = _opt("loss function", metavar="{" + ",".join(LOSSES) + "}", default="cross-entropy")
+    dtype: str = _opt("floating-point type", metavar="{" + ",".join(DTYPES) + "}", default="float32")
+    init: str | None = _opt("initial parameters from this .npz (W0, b0, W1, ...)", metavar="FILE.npz",
+                            default=None)
+    # optimisation
+    lr: float = _opt("learning rate", default=0.1)
+    momentum: float = _opt("momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
+    l2: float = _opt("L2 penalty λ: adds ½·λ·Σ‖W‖² over the weight matrices", default=0.0)
+    batch_size: int = _opt("global batch size (split over all ranks)", default=32)
+    steps: int | None = _opt("number of SGD steps (wins over --epochs)", default=None)
+    epochs: int = _opt("number of passes over the training data", default=100)
+    seed: int = _opt("seed for data generation, splits, shuffling and init", default=0)
+    shuffle: bool = _opt("keep file order instead of a seeded shuffle each epoch", default=True)
+    # evaluation and output
+    eval_every: int = _opt("evaluate on the validation data every K steps (0: at the end only)",
+                           default=0)
+    output: str | None = _opt("write the trained model to this .npz", metavar="FILE.npz", default=None)
+    summary_json: str | None = _opt("write the run summary as JSON to this file", metavar="FILE.json",
+                                    default=None)
+    log_every: int | None = _opt("log a line every K steps (default: about 20 lines per run)",
+                                 default=None)
+    progress: str = _opt("progress bar (auto: only when stderr is a terminal)",
+                          metavar="{auto,always,never}", default="auto")
+    # checkpoints
+    checkpoint_dir: str | None = _opt("write checkpoints here and resume from the newest valid one",
+                                      metavar="DIR", default=None)
+    checkpoint_every: int = _opt("steps between checkpoints", default=500)
+    resume: bool = _opt("start over even if --checkpoint-dir holds a checkpoint (by default "
+                        "the newest valid one is resumed)", default=True)
+    # machine
+    threads: int | None = _opt("BLAS threads per rank (default: cores on this host / local ranks)",
+                               default=None)
+
+    # --- derived values -----------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML that `--config` reads back."""
+        lines = []
+        for k, v in self.to_dict().items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {json.dumps(v)}")
+        return "\n".join(lines)
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+# keys that must match for a checkpoint to be resumed: they fix the data schedule and the model
+TRAJECTORY_KEYS = ("data", "samples", "val_data", "val_fraction", "standardize", "layers",
+                   "activation", "bias", "loss", "dtype", "batch_size", "seed", "shuffle")
+
+
+def _base_type(f) -> str:
+    """'int' | 'float' | 'str' | 'bool' | 'layers' from a field's annotation."""
+    t = str(f.type)
+    if f.name == "layers":
+        return "layers"
+    for name in ("bool", "int", "float", "str"):
+        if t.startswith(name):
+            return name
+    raise AssertionError(f"unsupported config type {t}")
+
+
+def parse_layers(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        sizes = tuple(int(p) for p in parts)
+        if any(isinstance(p, float) or isinstance(p, bool) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"--layers must be comma-separated integers like 784,256,10, got {value!r}")
+    if len(sizes) < 2:
+        raise UsageError(f"--layers needs at least an input and an output size, got {value!r}")
+    if any(s <= 0 for s in sizes):
+        raise UsageError(f"--layers sizes must be positive, got {value!r}")
+    return sizes
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """A value from TOML (already typed) checked against the field's type."""
+    if value is None:
+        return None
+    kind = _base_type(FIELDS[name])
+    if kind == "layers":
+        return parse_layers(value)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise UsageError(f"{source}: {name} must be {'an' if kind == 'int' else 'a'} {kind}, "
+                         f"got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
+    return f"{source}: unknown key '{key}'{hint}"
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file")
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror})")
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML ({e})")
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UsageError(_unknown_key_message(key, f"--config {path}"))
+        out[name] = _coerce(name, value, f"--config {path}")
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def _flag_type(kind: str):
+    def convert(text: str):
+        if kind == "layers":
+            return parse_layers(text)
+        try:
+            return {"int": int, "float": float, "str": str}[kind](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind == 'int' else 'a'} {kind}, "
+                                             f"got {text!r}")
+    convert.__name__ = kind
+    return convert
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
+                   "(keys with underscores: batch_size = 64); flags override it")
+    for f in fields(Config):
+        kind, flag = _base_type(f), "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if kind == "bool":
+            # both spellings exist; the one that changes the default is the documented one
+            p.add_argument(flag, dest=f.name, action="store_true", default=None,
+                           help=help_text if not f.default else argparse.SUPPRESS)
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           help=help_text if f.default else argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, dest=f.name, type=_flag_type(kind), default=None,
+                           metavar=f.metadata["metavar"] or kind.upper(),
+                           help=help_text + ("" if f.default is None else f" (default: {f.default})"))
+    return p
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """Defaults ← TOML file ← flags, then validation."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_toml(args.config))
+    for name in FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise UsageError(msg)
+
+    need(cfg.activation in ACTIVATIONS,
+         f"--activation {cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
+    need(cfg.loss in LOSSES, f"--loss {cfg.loss!r} is not one of: {', '.join(LOSSES)}")
+    need(cfg.dtype in DTYPES, f"--dtype {cfg.dtype!r} is not one of: {', '.join(DTYPES)}")
+    need(cfg.progress in ("auto", "always", "never"),
+         f"--progress {cfg.progress!r} is not one of: auto, always, never")
+    need(cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.l2 >= 0 and _finite(cfg.l2), f"--l2 must be >= 0, got {cfg.l2}")
+    need(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
+    need(cfg.steps is None or cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
+    need(cfg.epochs > 0, f"--epochs must be a positive integer, got {cfg.epochs}")
+    need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    need(not (cfg.val_fraction > 0 and cfg.val_data),
+         "give either --val-fraction or --val-data, not both")
+    need(cfg.samples is None or cfg.samples > 0, f"--samples must be positive, got {cfg.samples}")
+    need(cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}")
+    need(cfg.log_every is None or cfg.log_every > 0,
+         f"--log-every must be a positive integer, got {cfg.log_every}")
+    need(cfg.checkpoint_every > 0,
+         f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
+    need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
+    need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    for name in ("output", "summary_json"):
+        path = getattr(cfg, name)
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            need(os.path.isdir(parent),
+                 f"--{name.replace('_', '-')} {path}: directory {parent} does not exist")
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """A Config from a saved JSON dict (checkpoint or model file); unknown keys ignored."""
+    known = {k: v for k, v in d.items() if k in FIELDS}
+    if known.get("layers") is not None:
+        known["layers"] = tuple(known["layers"])
+    return Config(**known)
+
+

@@ -1,0 +1,398 @@
+"""Data sets, validation of what they hold, splits, the data schedule and sharding.
+
+The schedule is a pure function of (seed, epoch, step): each epoch is a
+permutation of the training rows drawn from (seed, epoch); global batches are
+consecutive runs of `batch_size` positions of it (the last short one kept); a
+global batch is cut into contiguous, near-equal shards by rank. So which
+samples a step sees never depends on the number of processes.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from .errors import DataError, UsageError
+
+# Independent random streams, all derived from the one --seed.
+STREAM_SPIRAL, STREAM_RANDOM, STREAM_SPLIT, STREAM_INIT, STREAM_EPOCH = 1, 2, 3, 4, 5
+
+
+def rng_for(seed: int, stream: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *key])
+
+
+@dataclass
+class Dataset:
+    """Inputs X (n, D), possibly memory-mapped, and targets y, with the rows in use.
+
+    `rows` selects the rows of X/y that belong to this split (None: all), so a
+    train/validation split of a memory-mapped file copies nothing.
+    """
+
+    X: np.ndarray
+    y: np.ndarray | None
+    name: str
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.X) if self.rows is None else len(self.rows)
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+    def subset(self, rows: np.ndarray) -> "Dataset":
+        base = rows if self.rows is None else self.rows[rows]
+        return Dataset(self.X, self.y, self.name, np.asarray(base, dtype=np.intp))
+
+    def file_rows(self, positions) -> np.ndarray | slice:
+        """Rows of X for positions in this split; a slice when they are a contiguous run."""
+        if isinstance(positions, slice):
+            if self.rows is None:
+                return positions
+            positions = self.rows[positions]
+        elif self.rows is not None:
+            positions = self.rows[positions]
+        return positions
+
+
+# --- built-in data sets -------------------------------------------------------
+
+
+def spiral(points_per_class: int, seed: int, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The three-arm spiral of the cs231n notes: 2-D points, `classes` interleaved arms."""
+    rng = rng_for(seed, STREAM_SPIRAL)
+    n = points_per_class
+    X = np.zeros((n * classes, 2))
+    y = np.zeros(n * classes, dtype=np.int64)
+    for j in range(classes):
+        ix = slice(n * j, n * (j + 1))
+        r = np.linspace(0.0, 1, n)
+        t = np.linspace(j * 4, (j + 1) * 4, n) + rng.standard_normal(n) * 0.2
+        X[ix] = np.c_[r * np.sin(t), r * np.cos(t)]
+        y[ix] = j
+    return X, y
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """1797 8×8 handwritten digits (UCI optdigits test set), pixels scaled to [0, 1]."""
+    with resources.files("ddp.datasets").joinpath("digits.csv.gz").open("rb") as raw:
+        table = np.loadtxt(gzip.open(raw), delimiter=",")
+    return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
+
+
+def random_data(spec: str, layers, loss: str, seed: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise UsageError(f"--data {spec}: expected random:N with N a positive integer")
+    if n <= 0:
+        raise UsageError(f"--data {spec}: N must be a positive integer")
+    if layers is None:
+        raise UsageError(f"--data {spec} needs --layers to know the input and output sizes")
+    rng = rng_for(seed, STREAM_RANDOM)
+    X = rng.standard_normal((n, layers[0]), dtype=np.dtype(dtype))
+    if loss == "cross-entropy":
+        y = rng.integers(0, layers[-1], n)
+    else:
+        y = rng.standard_normal((n, layers[-1]), dtype=np.dtype(dtype))
+    return X, y
+
+
+# --- files --------------------------------------------------------------------
+
+
+def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array of an .npz, memory-mapped when it is stored uncompressed (np.savez)."""
+    info = zf.getinfo(name + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"bad zip entry for {name}")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            if dtype.hasobject:
+                raise ValueError(f"array {name} holds Python objects; only numeric arrays are read")
+            offset = fh.tell()
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape,
+                         order="F" if fortran else "C", offset=offset)
+    with zf.open(info) as member:  # compressed: read into memory (no pickles)
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def load_npz(path: str, flag: str = "--data", need_y: bool = True):
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise DataError(f"{flag} {path}: no such file")
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{flag} {path}: not a readable .npz file ({e})")
+    with zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        missing = [k for k in (("X", "y") if need_y else ("X",)) if k not in names]
+        if missing:
+            raise DataError(f"{flag} {path}: missing array {missing[0]!r} (it has: "
+                            f"{', '.join(names) or 'nothing'}); expected X (N, D) and y (N,) or (N, K)")
+        try:
+            X = _npz_member(path, zf, "X")
+            y = _npz_member(path, zf, "y") if "y" in names else None
+        except Exception as e:  # corrupt header, truncated data, object arrays
+            raise DataError(f"{flag} {path}: cannot read its arrays ({e})")
+    if y is not None:
+        y = np.array(y)  # targets are small; keep them in memory
+    return X, y
+
+
+def load_csv(path: str, flag: str = "--data"):
+    """A CSV with a header row; all columns numeric; the target is the last column."""
+    if not os.path.exists(path):
+        raise DataError(f"{flag} {path}: no such file")
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{flag} {path}: not a numeric CSV with a header row ({e})")
+    if table.shape[1] < 2:
+        raise DataError(f"{flag} {path}: needs at least one input column and the target column")
+    return table[:, :-1], table[:, -1]
+
+
+def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True):
+    """(X, y) for a --data or --val-data spec."""
+    if spec == "spiral":
+        return spiral(cfg.samples or 100, cfg.seed)
+    if spec == "digits":
+        return digits()
+    if spec.startswith("random:"):
+        return random_data(spec, cfg.layers, cfg.loss, cfg.seed, cfg.dtype)
+    lower = spec.lower()
+    if lower.endswith(".npz"):
+        return load_npz(spec, flag, need_y)
+    if lower.endswith(".csv") or lower.endswith(".csv.gz"):
+        return load_csv(spec, flag)
+    if not os.path.exists(spec):
+        raise DataError(f"{flag} {spec}: no such file, and not one of spiral, digits, random:N")
+    raise DataError(f"{flag} {spec}: unknown format; use a .npz (arrays X, y) or a .csv with a header")
+
+
+# --- validation -----------------------------------------------------------------
+
+
+def _check_finite(X: np.ndarray, what: str, chunk_rows: int = 65536) -> None:
+    """Scan in chunks so a memory-mapped file is never loaded whole."""
+    for start in range(0, len(X), chunk_rows):
+        block = np.asarray(X[start:start + chunk_rows])
+        if not np.isfinite(block).all():
+            bad = np.argwhere(~np.isfinite(block))[0]
+            raise DataError(f"{what}: NaN or Inf at row {start + bad[0]}"
+                            + (f", column {bad[1]}" if block.ndim > 1 else ""))
+
+
+def check_inputs(X: np.ndarray, what: str) -> None:
+    if X.ndim != 2:
+        raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")
+    if len(X) == 0:
+        raise DataError(f"{what}: holds no samples")
+    if X.shape[1] == 0:
+        raise DataError(f"{what}: X has no feature columns")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise DataError(f"{what}: X must be numeric, got dtype {X.dtype}")
+    if np.issubdtype(X.dtype, np.floating):
+        _check_finite(X, what)
+
+
+def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype) -> np.ndarray:
+    """Validated targets: int labels for cross-entropy, float (n, n_out) for mse."""
+    if len(y) != n:
+        raise DataError(f"{what}: {n} samples in X but {len(y)} targets in y")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"{what}: y must be numeric, got dtype {y.dtype}")
+    if loss == "cross-entropy":
+        if y.ndim != 1:
+            raise DataError(f"{what}: cross-entropy needs integer class labels of shape (N,), got "
+                            f"targets of shape {y.shape} (use --loss mse for float targets)")
+        if np.issubdtype(y.dtype, np.floating):
+            if not np.isfinite(y).all() or not np.all(y == np.round(y)):
+                raise DataError(f"{what}: cross-entropy needs integer class labels, found "
+                                f"non-integer values (use --loss mse for float targets)")
+        labels = y.astype(np.intp)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0:
+            raise DataError(f"{what}: labels must be >= 0, found {lo}")
+        if hi >= n_out:
+            raise DataError(f"{what}: label {hi} does not fit the {n_out} outputs of --layers "
+                            f"(labels must be < {n_out}; give --layers ...,{hi + 1})")
+        return labels
+    if y.ndim == 1:
+        if n_out != 1:
+            raise DataError(f"{what}: targets of shape ({n},) need 1 output, but --layers ends in "
+                            f"{n_out}; give targets of shape ({n}, {n_out})")
+        y = y.reshape(n, 1)
+    if y.ndim != 2 or y.shape[1] != n_out:
+        raise DataError(f"{what}: targets must have shape ({n}, {n_out}) for --layers ending in "
+                        f"{n_out}, got {y.shape}")
+    y = y.astype(dtype)
+    if not np.isfinite(y).all():
+        raise DataError(f"{what}: NaN or Inf in the targets")
+    return y
+
+
+def default_layers(X: np.ndarray, y: np.ndarray, loss: str) -> tuple[int, ...]:
+    if loss == "cross-entropy":
+        n_out = int(np.max(y)) + 1 if y.ndim == 1 and len(y) else 2
+    else:
+        n_out = 1 if y.ndim == 1 else y.shape[1]
+    return (X.shape[1], 100, max(n_out, 1))
+
+
+def describe(spec: str, flag: str) -> str:
+    return f"{flag} {spec}"
+
+
+def load(spec: str, cfg, flag: str = "--data") -> tuple[Dataset, tuple[int, ...]]:
+    """Load, validate against the model's layers, return (dataset, layers)."""
+    what = describe(spec, flag)
+    X, y = load_table(spec, cfg, flag)
+    if X.ndim != 2:
+        raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")
+    if y is None:
+        raise DataError(f"{what}: has no targets y")
+    layers = cfg.layers
+    if layers is None:
+        if len(X) == 0:
+            raise DataError(f"{what}: holds no samples")
+        layers = default_layers(X, np.asarray(y), cfg.loss)
+    check_inputs(X, what)
+    if X.shape[1] != layers[0]:
+        raise DataError(f"{what}: samples have {X.shape[1]} features but --layers starts with "
+                        f"{layers[0]} (give --layers {X.shape[1]},...)")
+    if cfg.loss == "cross-entropy" and layers[-1] < 2:
+        raise UsageError("--loss cross-entropy needs at least 2 outputs (last --layers size); "
+                         "use --loss mse for a single output")
+    y = check_targets(np.asarray(y), len(X), cfg.loss, layers[-1], what, cfg.dtype)
+    return Dataset(X, y, spec), layers
+
+
+def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded hold-out: (train, validation); rows keep file order within each part."""
+    n_val = int(round(fraction * len(data)))
+    if n_val == 0 or n_val == len(data):
+        raise UsageError(f"--val-fraction {fraction} of {len(data)} samples leaves "
+                         f"{n_val} for validation and {len(data) - n_val} for training")
+    perm = rng_for(seed, STREAM_SPLIT).permutation(len(data))
+    return data.subset(np.sort(perm[n_val:])), data.subset(np.sort(perm[:n_val]))
+
+
+def standardization(data: Dataset, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the training rows (float64, chunked; std 0 → 1)."""
+    total = np.zeros(data.n_features)
+    total_sq = np.zeros(data.n_features)
+    for start in range(0, len(data), chunk_rows):
+        block = np.asarray(data.X[data.file_rows(slice(start, start + chunk_rows))], dtype=np.float64)
+        total += block.sum(axis=0)
+        total_sq += np.square(block).sum(axis=0)
+    mean = total / len(data)
+    std = np.sqrt(np.maximum(total_sq / len(data) - mean ** 2, 0.0))
+    std[std < 1e-12] = 1.0
+    return mean, std
+
+
+# --- schedule and shards --------------------------------------------------------
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous near-equal shard [start, stop) of n items: the first n % world_size get one more."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    n_train: int
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.batch_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray | None:
+        """Positions of the training rows in this epoch's order (None: file order)."""
+        if not self.shuffle:
+            return None
+        return rng_for(self.seed, STREAM_EPOCH, epoch).permutation(self.n_train)
+
+    def locate(self, step: int) -> tuple[int, int, int]:
+        """(epoch, start, stop) of the global batch of `step` within its epoch's order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        start = k * self.batch_size
+        return epoch, start, min(start + self.batch_size, self.n_train)
+
+
+class BatchReader:
+    """Gathers one shard of a global batch into preallocated buffers.
+
+    Rows are taken straight from X (memory-mapped or not) into a buffer of the
+    training dtype, then standardized in place; with no shuffle, no cast and no
+    standardization the shard is a view and nothing is copied.
+    """
+
+    def __init__(self, data: Dataset, schedule: Schedule, max_rows: int, dtype,
+                 mean: np.ndarray | None = None, std: np.ndarray | None = None):
+        self.data, self.schedule = data, schedule
+        self.dtype = np.dtype(dtype)
+        self.x_buf = np.empty((max_rows, data.n_features), self.dtype)
+        self.mean = None if mean is None else mean.astype(self.dtype)
+        self.inv_std = None if std is None else (1.0 / std).astype(self.dtype)
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray | None:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.schedule.epoch_order(epoch)
+        return self._order
+
+    def shard(self, step: int, rank: int, world_size: int):
+        """(x, y) of this rank's shard of `step`'s global batch."""
+        epoch, start, stop = self.schedule.locate(step)
+        lo, hi = shard_bounds(stop - start, world_size, rank)
+        order = self.order(epoch)
+        positions = slice(start + lo, start + hi) if order is None else order[start + lo:start + hi]
+        return self.rows(positions)
+
+    def rows(self, positions):
+        data = self.data
+        rows = data.file_rows(positions)
+        y = data.y[rows]
+        if isinstance(rows, slice):
+            n = len(range(*rows.indices(len(data.X))))
+            if data.X.dtype == self.dtype and self.mean is None:
+                return data.X[rows], y
+            x = self.x_buf[:n]
+            x[...] = data.X[rows]
+        else:
+            x = self.x_buf[:len(rows)]
+            if data.X.dtype == self.dtype:
+                np.take(data.X, rows, axis=0, out=x)
+            else:
+                x[...] = data.X[rows]
+        if self.mean is not None:
+            x -= self.mean
+            x *= self.inv_std
+        return x, y

@@ -1,0 +1,48 @@
+"""Errors that reach the user as one line and an exit code.
+
+Every error the user can cause (a flag, a file, the data) is a `DDPError`
+subclass carrying its exit code; anything else is a bug and shows a traceback.
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1   # a bug: unexpected exception (traceback shown)
+EXIT_USAGE = 2      # bad input: flags, config, data, init or model file
+EXIT_DIVERGED = 3   # loss became NaN/Inf; the last good checkpoint is kept
+EXIT_IO = 4         # could not write a checkpoint, model or summary
+EXIT_PEER = 5       # another rank failed for a reason it reported itself
+EXIT_SIGNAL_BASE = 128  # interrupted by signal N: exit 128+N after checkpointing
+
+
+class DDPError(Exception):
+    """An error the user can act on; `str(err)` is the whole message."""
+
+    exit_code = EXIT_USAGE
+    # True when every rank raises the same error at the same point (so no abort is needed)
+    collective = False
+
+
+class UsageError(DDPError):
+    """A flag, config key or value is wrong."""
+
+
+class DataError(DDPError):
+    """A data, init or model file is missing, unreadable or inconsistent."""
+
+
+class DivergedError(DDPError):
+    """The summed loss is the same on every rank, so every rank raises this together."""
+
+    exit_code = EXIT_DIVERGED
+    collective = True
+
+
+class OutputError(DDPError):
+    exit_code = EXIT_IO
+
+
+class PeerError(DDPError):
+    """Raised on ranks whose peer failed; the failing rank printed the reason."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code

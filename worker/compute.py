@@ -1,0 +1,91 @@
+"""What one process computes: a shard in, the sums of its per-sample gradients out.
+
+Forward:  z_i = a_{i-1}·W_i + b_i,  a_i = f(z_i) (hidden layers; the output is linear)
+Backward: δ_L = ∂(Σ loss)/∂z_L,  dW_i = a_{i-1}ᵀ·δ_i,  db_i = Σ_rows δ_i,
+          δ_{i-1} = (δ_i·W_iᵀ) ⊙ f'(z_{i-1})
+
+All activation and delta buffers are allocated once for the largest shard;
+a smaller shard uses their leading rows. Gradients are written straight into
+views of the caller's flat buffer, so nothing is allocated per step beyond a
+few (n, classes)-sized temporaries in the loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ddp.model import ACTIVATIONS, DERIVATIVES, LOSSES, Layout
+
+
+class ShardCompute:
+    def __init__(self, layout: Layout, activation: str, loss: str, dtype, max_rows: int):
+        self.layout = layout
+        self.f, self.f_prime = ACTIVATIONS[activation], DERIVATIVES[activation]
+        self.loss_name, self.loss_ = loss, LOSSES[loss]
+        self.max_rows = max(int(max_rows), 1)
+        widths = layout.layers[1:]
+        self.acts = [np.empty((self.max_rows, w), dtype) for w in widths]
+        self.deltas = [np.empty((self.max_rows, w), dtype) for w in widths[:-1]]
+
+    def _chunks(self, n: int):
+        for start in range(0, n, self.max_rows):
+            yield start, min(start + self.max_rows, n)
+
+    def forward(self, params, x: np.ndarray) -> np.ndarray:
+        """Output z of the last layer for x (n ≤ max_rows), a view of an internal buffer."""
+        n = len(x)
+        a = x
+        last = len(params) - 1
+        for i, (W, b) in enumerate(params):
+            z = self.acts[i][:n]
+            np.matmul(a, W, out=z)
+            if b is not None:
+                z += b
+            if i < last:
+                self.f(z)
+            a = z
+        return a
+
+    def grad_sums_(self, params, grads, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """Write Σ per-sample gradients over the shard into `grads` (views per layer).
+
+        Returns (loss sum, correct predictions). An empty shard yields zero sums.
+        `params` and `grads` are the [(W, b)] views of the flat buffers.
+        """
+        n = len(x)
+        if n == 0:
+            for dW, db in grads:
+                dW[...] = 0
+                if db is not None:
+                    db[...] = 0
+            return 0.0, 0
+        assert n <= self.max_rows, "shard larger than the buffers it was sized for"
+        z = self.forward(params, x)
+        correct = self._correct(z, y)
+        loss_sum = self.loss_(z, y)          # z is now δ_L
+        delta = z
+        for i in range(len(params) - 1, -1, -1):
+            a_in = x if i == 0 else self.acts[i - 1][:n]
+            dW, db = grads[i]
+            np.matmul(a_in.T, delta, out=dW)
+            if db is not None:
+                np.sum(delta, axis=0, out=db)
+            if i > 0:
+                delta_prev = self.deltas[i - 1][:n]
+                np.matmul(delta, params[i][0].T, out=delta_prev)
+                self.f_prime(a_in, delta_prev)
+                delta = delta_prev
+        return loss_sum, correct
+
+    def _correct(self, z: np.ndarray, y: np.ndarray) -> int:
+        if self.loss_name != "cross-entropy":
+            return 0
+        return int(np.count_nonzero(z.argmax(axis=1) == y))
+
+    def eval_sums(self, params, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """(loss sum, correct) of a shard of any length, forward only, in chunks."""
+        loss_sum, correct = 0.0, 0
+        for start, stop in self._chunks(len(x)):
+            z = self.forward(params, x[start:stop])
+            correct += self._correct(z, y[start:stop])
+            loss_sum += self.loss_(z, y[start:stop])
+        return loss_sum, correct
