@@ -4,7 +4,7 @@
 the training loop never knows which one summed the gradients:
 
     rank, world_size, local_size   who we are
-    allreduce_(buf)                in-place sum over ranks (buffer API, no pickling)
+    allreduce_(buf, op)            in-place sum (or max) over ranks (buffer API, no pickling)
     bcast_(buf, root)              in-place broadcast from root
     agree(error) -> None           collective: raise everywhere if any rank failed
     abort(code)                    end every rank now
@@ -46,7 +46,7 @@ class LocalComm:
 
     rank, world_size, local_size = 0, 1, 1
 
-    def allreduce_(self, buf: np.ndarray) -> None:
+    def allreduce_(self, buf: np.ndarray, op: str = "sum") -> None:
         pass
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> None:
@@ -54,6 +54,7 @@ class LocalComm:
 
     def agree(self, error: DDPError | None) -> None:
         if error is not None:
+            error.agreed = True
             raise error
 
     def barrier(self) -> None:
@@ -76,8 +77,8 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
 
-    def allreduce_(self, buf: np.ndarray) -> None:
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+    def allreduce_(self, buf: np.ndarray, op: str = "sum") -> None:
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM if op == "sum" else self.MPI.MAX)
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)
@@ -93,6 +94,7 @@ class MPIComm:
         if first == self.world_size:
             return
         if first == self.rank:
+            error.agreed = True  # every rank knows: no abort needed
             raise error
         raise PeerError(int(code[0]))
 

@@ -98,14 +98,18 @@ def model_config(setup: Setup) -> dict:
     return out
 
 
-def _check_resumable(saved: dict, cfg: Config, path: str, log: Log) -> None:
-    saved_cfg = saved.get("config", {})
+def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, log: Log) -> None:
+    saved_cfg, path = found.meta.get("config", {}), found.path
     now = cfg.to_dict()
     differ = [k for k in TRAJECTORY_KEYS if saved_cfg.get(k) != now.get(k)]
     if differ:
         detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}" for k in differ)
         raise UsageError(f"checkpoint {path} was written by a different run ({detail}); "
                          f"use another --checkpoint-dir or --no-resume to start over")
+    if found.params.shape != params.shape or found.params.dtype != params.dtype:
+        raise UsageError(f"checkpoint {path} holds {found.params.dtype}[{found.params.size}] "
+                         f"parameters, this model has {params.dtype}[{params.size}]; use another "
+                         f"--checkpoint-dir or --no-resume to start over")
     changed = [k for k in ("lr", "momentum", "l2") if saved_cfg.get(k) != now.get(k)]
     if changed:
         log.warn("resuming with changed " + ", ".join(
@@ -121,10 +125,9 @@ def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD) ->
         try:
             found = None
             if cfg.checkpoint_dir and cfg.resume:
-                found = ckpt.latest_checkpoint(cfg.checkpoint_dir, setup.layout.size, params.dtype,
-                                               log.warn)
+                found = ckpt.latest_checkpoint(cfg.checkpoint_dir, log.warn)
             if found is not None:
-                _check_resumable(found.meta, cfg, found.path, log)
+                _check_resumable(found, cfg, params, log)
                 params[...], opt.velocity[...] = found.params, found.velocity
                 step[0] = found.step
                 log.info(f"resuming from {found.path} at step {found.step}")
@@ -184,7 +187,8 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
     params_views, grad_views = layout.views(params), layout.views(grad_flat)
     opt = SGD(layout, dtype, cfg.lr, cfg.momentum, cfg.l2)
 
-    max_rows = max(1, math.ceil(cfg.batch_size / world))
+    # buffers for the largest shard: a batch can hold no more than the training set
+    max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))
     compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
     evaluate = Evaluator(setup, compute, comm, dtype)
@@ -271,9 +275,13 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
     t_loop_end = time.perf_counter()
     train_seconds = t_loop_end - t_loop - t_eval
     interrupted = step < total
+    if interrupted:  # the signal may have reached one rank only: agree on which it was
+        signum = np.array([stop.signum], dtype=np.int64)
+        comm.allreduce_(signum, op="max")
+        stop.signum = int(signum[0])
     write_checkpoint(step)
     if interrupted:
-        signame = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+        signame = signal.Signals(stop.signum).name
         where = (f"checkpoint in {cfg.checkpoint_dir}; run the same command to resume"
                  if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
         log.info(f"interrupted by {signame} after step {step}/{total}: {where}")

@@ -118,7 +118,10 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
     except PeerError as e:
         return e.exit_code
     except DDPError as e:
-        if e.collective or comm.world_size == 1:
+        if e.agreed or comm.world_size == 1:  # raised on this rank only; the others know
+            _print_error(prog, e, comm.rank or None)
+            return e.exit_code
+        if e.collective:  # raised on every rank alike: rank 0 speaks
             if comm.rank == 0:
                 _print_error(prog, e)
             return e.exit_code

@@ -165,7 +165,9 @@ def load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: no such file")
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read it ({e.strerror})")
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UsageError(f"--config {path}: is a directory, not a TOML file")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})")
     out = {}
     for key, value in raw.items():
@@ -259,6 +261,9 @@ def validate(cfg: Config) -> None:
          f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
     need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
     need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.checkpoint_dir and os.path.exists(cfg.checkpoint_dir):
+        need(os.path.isdir(cfg.checkpoint_dir),
+             f"--checkpoint-dir {cfg.checkpoint_dir}: exists and is not a directory")
     for name in ("output", "summary_json"):
         path = getattr(cfg, name)
         if path:

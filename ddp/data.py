@@ -193,17 +193,22 @@ def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True):
 # --- validation -----------------------------------------------------------------
 
 
-def _check_finite(X: np.ndarray, what: str, chunk_rows: int = 65536) -> None:
-    """Scan in chunks so a memory-mapped file is never loaded whole."""
+def _check_finite(X: np.ndarray, what: str, dtype=None, chunk_rows: int = 65536) -> None:
+    """NaN/Inf, also after the cast to the training dtype (1e300 is Inf in float32).
+    Scans in chunks so a memory-mapped file is never loaded whole."""
     for start in range(0, len(X), chunk_rows):
         block = np.asarray(X[start:start + chunk_rows])
+        if dtype is not None and block.dtype != dtype:
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = block.astype(dtype)
         if not np.isfinite(block).all():
             bad = np.argwhere(~np.isfinite(block))[0]
             raise DataError(f"{what}: NaN or Inf at row {start + bad[0]}"
-                            + (f", column {bad[1]}" if block.ndim > 1 else ""))
+                            + (f", column {bad[1]}" if block.ndim > 1 else "")
+                            + (f" (in {np.dtype(dtype).name})" if dtype is not None else ""))
 
 
-def check_inputs(X: np.ndarray, what: str) -> None:
+def check_inputs(X: np.ndarray, what: str, dtype=None) -> None:
     if X.ndim != 2:
         raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")
     if len(X) == 0:
@@ -212,32 +217,42 @@ def check_inputs(X: np.ndarray, what: str) -> None:
         raise DataError(f"{what}: X has no feature columns")
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise DataError(f"{what}: X must be numeric, got dtype {X.dtype}")
-    if np.issubdtype(X.dtype, np.floating):
-        _check_finite(X, what)
+    if np.issubdtype(X.dtype, np.floating) or dtype is not None:
+        _check_finite(X, what, None if dtype is None else np.dtype(dtype))
 
 
-def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype) -> np.ndarray:
-    """Validated targets: int labels for cross-entropy, float (n, n_out) for mse."""
+def _check_target_array(y: np.ndarray, n: int, what: str) -> None:
+    if y.ndim == 0:
+        raise DataError(f"{what}: y must hold one target per sample, got a single value")
     if len(y) != n:
         raise DataError(f"{what}: {n} samples in X but {len(y)} targets in y")
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
         raise DataError(f"{what}: y must be numeric, got dtype {y.dtype}")
+
+
+def _label_range(y: np.ndarray, what: str) -> tuple[int, int]:
+    """(min, max) of class labels, after checking they are integers of shape (N,)."""
+    if y.ndim != 1:
+        raise DataError(f"{what}: cross-entropy needs integer class labels of shape (N,), got "
+                        f"targets of shape {y.shape} (use --loss mse for float targets)")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
+            raise DataError(f"{what}: cross-entropy needs integer class labels, found "
+                            f"non-integer values (use --loss mse for float targets)")
+    return int(y.min()), int(y.max())  # Python ints: no overflow for huge float labels
+
+
+def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype) -> np.ndarray:
+    """Validated targets: int labels for cross-entropy, float (n, n_out) for mse."""
+    _check_target_array(y, n, what)
     if loss == "cross-entropy":
-        if y.ndim != 1:
-            raise DataError(f"{what}: cross-entropy needs integer class labels of shape (N,), got "
-                            f"targets of shape {y.shape} (use --loss mse for float targets)")
-        if np.issubdtype(y.dtype, np.floating):
-            if not np.isfinite(y).all() or not np.all(y == np.round(y)):
-                raise DataError(f"{what}: cross-entropy needs integer class labels, found "
-                                f"non-integer values (use --loss mse for float targets)")
-        labels = y.astype(np.intp)
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = _label_range(y, what)
         if lo < 0:
             raise DataError(f"{what}: labels must be >= 0, found {lo}")
         if hi >= n_out:
             raise DataError(f"{what}: label {hi} does not fit the {n_out} outputs of --layers "
                             f"(labels must be < {n_out}; give --layers ...,{hi + 1})")
-        return labels
+        return y.astype(np.intp)
     if y.ndim == 1:
         if n_out != 1:
             raise DataError(f"{what}: targets of shape ({n},) need 1 output, but --layers ends in "
@@ -252,12 +267,23 @@ def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype
     return y
 
 
-def default_layers(X: np.ndarray, y: np.ndarray, loss: str) -> tuple[int, ...]:
+MAX_INFERRED_CLASSES = 100_000
+
+
+def default_layers(X: np.ndarray, y: np.ndarray, loss: str, what: str) -> tuple[int, ...]:
+    """input, 100, outputs — the outputs read off validated targets."""
+    _check_target_array(y, len(X), what)
     if loss == "cross-entropy":
-        n_out = int(np.max(y)) + 1 if y.ndim == 1 and len(y) else 2
+        lo, hi = _label_range(y, what)
+        if lo < 0:
+            raise DataError(f"{what}: labels must be >= 0, found {lo}")
+        if hi >= MAX_INFERRED_CLASSES:
+            raise DataError(f"{what}: largest label is {hi}; give --layers explicitly if there "
+                            f"really are {hi + 1} classes")
+        n_out = max(hi + 1, 2)
     else:
         n_out = 1 if y.ndim == 1 else y.shape[1]
-    return (X.shape[1], 100, max(n_out, 1))
+    return (X.shape[1], 100, n_out)
 
 
 def describe(spec: str, flag: str) -> str:
@@ -276,8 +302,8 @@ def load(spec: str, cfg, flag: str = "--data") -> tuple[Dataset, tuple[int, ...]
     if layers is None:
         if len(X) == 0:
             raise DataError(f"{what}: holds no samples")
-        layers = default_layers(X, np.asarray(y), cfg.loss)
-    check_inputs(X, what)
+        layers = default_layers(X, np.asarray(y), cfg.loss, what)
+    check_inputs(X, what, cfg.dtype)
     if X.shape[1] != layers[0]:
         raise DataError(f"{what}: samples have {X.shape[1]} features but --layers starts with "
                         f"{layers[0]} (give --layers {X.shape[1]},...)")

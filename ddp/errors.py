@@ -19,6 +19,8 @@ class DDPError(Exception):
     exit_code = EXIT_USAGE
     # True when every rank raises the same error at the same point (so no abort is needed)
     collective = False
+    # set by Comm.agree() on the rank that reports an error every rank has learnt of
+    agreed = False
 
 
 class UsageError(DDPError):
