@@ -415,7 +415,9 @@ class BatchReader:
         else:
             x = self.x_buf[:len(rows)]
             if data.X.dtype == self.dtype:
-                np.take(data.X, rows, axis=0, out=x)
+                # mode="clip": rows are in range by construction, and the default
+                # mode="raise" copies through a temporary buffer when out= is given
+                np.take(data.X, rows, axis=0, out=x, mode="clip")
             else:
                 x[...] = data.X[rows]
         if self.mean is not None:
