@@ -13,7 +13,9 @@ One step, on every rank:
 from __future__ import annotations
 
 import math
+import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -116,6 +118,23 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, lo
             f"{k} ({saved_cfg.get(k)} → {now.get(k)})" for k in changed))
 
 
+def check_writable(cfg: Config) -> None:
+    """Fail at start, not after hours of training, if an output cannot be written."""
+    targets = [("--checkpoint-dir", cfg.checkpoint_dir, cfg.checkpoint_dir)]
+    for flag, path in (("--output", cfg.output), ("--summary-json", cfg.summary_json)):
+        if path:
+            targets.append((flag, path, os.path.dirname(os.path.abspath(path))))
+    for flag, path, directory in targets:
+        if not path:
+            continue
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
 def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD) -> int:
     """Fill params/velocity on every rank from a checkpoint, --init or the seed; return the step."""
     cfg = setup.cfg
@@ -123,6 +142,7 @@ def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD) ->
     error = None
     if comm.rank == 0:
         try:
+            check_writable(cfg)
             found = None
             if cfg.checkpoint_dir and cfg.resume:
                 found = ckpt.latest_checkpoint(cfg.checkpoint_dir, log.warn)

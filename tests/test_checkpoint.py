@@ -143,3 +143,38 @@ def test_signal_checkpoints_exits_cleanly_and_the_same_command_resumes(tmp_path,
     ref = train(ref_args, n=2, timeout=120)
     assert ref.returncode == 0, ref.stderr
     _assert_same(_params(tmp_path / "res.npz"), _params(tmp_path / "ref.npz"))
+
+
+def test_unwritable_outputs_are_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for flag, value in (("--output", str(blocker / "m.npz")), ("--checkpoint-dir", str(blocker / "ck")),
+                        ("--summary-json", "/proc/summary.json")):
+        r = train(["--steps", "3", flag, value], n=2)
+        assert r.returncode == 2, r.stderr
+        assert flag in one_error_line(r.stderr)
+        assert "step 1/" not in r.stderr  # refused before the first step
+
+
+def test_a_rank_killed_mid_run_ends_the_whole_job(tmp_path):
+    args = ["--data", "spiral", "--layers", "2,128,128,3", "--steps", "100000", "--log-every", "1",
+            "--progress", "never"]
+    proc = subprocess.Popen(train_cmd(args, n=3), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=_env(), stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stderr:
+            if line.startswith("step 20/"):
+                break
+        ranks = [p for r in (0, 1, 2) for p in _pids_of_rank(proc.pid, r)]
+        assert len(ranks) == 3
+        os.kill(_pids_of_rank(proc.pid, 1)[0], signal.SIGKILL)
+        proc.stderr.read()
+        proc.wait(timeout=60)  # no rank is left waiting in the Allreduce
+        assert proc.returncode != 0
+        time.sleep(0.5)
+        assert not [p for p in ranks if os.path.exists(f"/proc/{p}") and
+                    open(f"/proc/{p}/stat").read().split(")")[1].split()[0] != "Z"]
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+            proc.wait()
