@@ -287,6 +287,9 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
                 interval[:] = 0
             log.advance()
             if step % cfg.checkpoint_every == 0:
+                # params are identical on every rank, so every rank takes this branch alike
+                if not np.isfinite(params).all():
+                    raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")
                 write_checkpoint(step)
             if stop_requested:
                 break
@@ -306,13 +309,15 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
                  if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
         log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
 
-    final_loss, train_acc = evaluate(setup.train, params_views)
-    final_loss += opt.l2_penalty(params)
-    if setup.val is not None:
-        val_loss, val_acc = evaluate(setup.val, params_views)
-    if not interrupted and rank == 0 and cfg.output:
-        ckpt.save_model(cfg.output, layout, params, model_config(setup))
-        log.info(f"model written to {cfg.output}")
+    final_loss = train_acc = None
+    if not interrupted:  # a stopped job exits promptly: no final pass over the data
+        final_loss, train_acc = evaluate(setup.train, params_views)
+        final_loss += opt.l2_penalty(params)
+        if setup.val is not None:
+            val_loss, val_acc = evaluate(setup.val, params_views)
+        if rank == 0 and cfg.output:
+            ckpt.save_model(cfg.output, layout, params, model_config(setup))
+            log.info(f"model written to {cfg.output}")
 
     return {
         "steps": step,
@@ -339,6 +344,9 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
 
 
 def summary_text(s: dict) -> str:
+    if s["interrupted"]:
+        return (f"stopped: {s['steps']}/{s['total_steps']} steps on {s['world_size']} "
+                f"rank{'s' * (s['world_size'] > 1)}, {_fmt(s['samples_per_second'], ',.0f')} samples/s")
     acc = "" if s["train_accuracy"] is None else f" accuracy {s['train_accuracy']:.4f}"
     val = ""
     if s["val_loss"] is not None:

@@ -274,13 +274,3 @@ def validate(cfg: Config) -> None:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
-
-
-def from_dict(d: dict[str, Any]) -> Config:
-    """A Config from a saved JSON dict (checkpoint or model file); unknown keys ignored."""
-    known = {k: v for k, v in d.items() if k in FIELDS}
-    if known.get("layers") is not None:
-        known["layers"] = tuple(known["layers"])
-    return Config(**known)
-
-

@@ -231,7 +231,7 @@ def _check_target_array(y: np.ndarray, n: int, what: str) -> None:
 
 
 def _label_range(y: np.ndarray, what: str) -> tuple[int, int]:
-    """(min, max) of class labels, after checking they are integers of shape (N,)."""
+    """(min, max) of class labels, after checking they are integers >= 0 of shape (N,)."""
     if y.ndim != 1:
         raise DataError(f"{what}: cross-entropy needs integer class labels of shape (N,), got "
                         f"targets of shape {y.shape} (use --loss mse for float targets)")
@@ -239,16 +239,17 @@ def _label_range(y: np.ndarray, what: str) -> tuple[int, int]:
         if not np.isfinite(y).all() or not np.all(y == np.round(y)):
             raise DataError(f"{what}: cross-entropy needs integer class labels, found "
                             f"non-integer values (use --loss mse for float targets)")
-    return int(y.min()), int(y.max())  # Python ints: no overflow for huge float labels
+    lo, hi = int(y.min()), int(y.max())  # Python ints: no overflow for huge float labels
+    if lo < 0:
+        raise DataError(f"{what}: labels must be >= 0, found {lo}")
+    return lo, hi
 
 
 def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype) -> np.ndarray:
     """Validated targets: int labels for cross-entropy, float (n, n_out) for mse."""
     _check_target_array(y, n, what)
     if loss == "cross-entropy":
-        lo, hi = _label_range(y, what)
-        if lo < 0:
-            raise DataError(f"{what}: labels must be >= 0, found {lo}")
+        _, hi = _label_range(y, what)
         if hi >= n_out:
             raise DataError(f"{what}: label {hi} does not fit the {n_out} outputs of --layers "
                             f"(labels must be < {n_out}; give --layers ...,{hi + 1})")
@@ -274,9 +275,7 @@ def default_layers(X: np.ndarray, y: np.ndarray, loss: str, what: str) -> tuple[
     """input, 100, outputs — the outputs read off validated targets."""
     _check_target_array(y, len(X), what)
     if loss == "cross-entropy":
-        lo, hi = _label_range(y, what)
-        if lo < 0:
-            raise DataError(f"{what}: labels must be >= 0, found {lo}")
+        _, hi = _label_range(y, what)
         if hi >= MAX_INFERRED_CLASSES:
             raise DataError(f"{what}: largest label is {hi}; give --layers explicitly if there "
                             f"really are {hi + 1} classes")
@@ -286,13 +285,9 @@ def default_layers(X: np.ndarray, y: np.ndarray, loss: str, what: str) -> tuple[
     return (X.shape[1], 100, n_out)
 
 
-def describe(spec: str, flag: str) -> str:
-    return f"{flag} {spec}"
-
-
 def load(spec: str, cfg, flag: str = "--data") -> tuple[Dataset, tuple[int, ...]]:
     """Load, validate against the model's layers, return (dataset, layers)."""
-    what = describe(spec, flag)
+    what = f"{flag} {spec}"
     X, y = load_table(spec, cfg, flag)
     if X.ndim != 2:
         raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")

@@ -9,7 +9,6 @@ EXIT_INTERNAL = 1   # a bug: unexpected exception (traceback shown)
 EXIT_USAGE = 2      # bad input: flags, config, data, init or model file
 EXIT_DIVERGED = 3   # loss became NaN/Inf; the last good checkpoint is kept
 EXIT_IO = 4         # could not write a checkpoint, model or summary
-EXIT_PEER = 5       # another rank failed for a reason it reported itself
 EXIT_SIGNAL_BASE = 128  # interrupted by signal N: exit 128+N after checkpointing
 
 

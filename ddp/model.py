@@ -142,14 +142,6 @@ class Layout:
         }
         return [(by_name[f"W{i}"], by_name.get(f"b{i}")) for i in range(self.n_layers)]
 
-    def weight_mask(self) -> np.ndarray:
-        """Boolean mask of the flat buffer that is True on weights (for L2)."""
-        mask = np.zeros(self.size, dtype=bool)
-        for name, offset, shape in self.entries:
-            if name.startswith("W"):
-                mask[offset:offset + int(np.prod(shape))] = True
-        return mask
-
     def arrays(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Named copies, in the model file's naming: W0, b0, W1, …"""
         return {name: np.array(flat[offset:offset + int(np.prod(shape))].reshape(shape))
