@@ -409,9 +409,11 @@ class BatchReader:
             x[...] = data.X[rows]
         else:
             x = self.x_buf[:len(rows)]
-            if data.X.dtype == self.dtype:
+            if data.X.dtype == self.dtype and data.X.flags.aligned:
                 # mode="clip": rows are in range by construction, and the default
-                # mode="raise" copies through a temporary buffer when out= is given
+                # mode="raise" copies through a temporary buffer when out= is given.
+                # (take() on an unaligned array, as an .npz member often is, would
+                # first copy the whole array: fancy indexing below reads only the rows.)
                 np.take(data.X, rows, axis=0, out=x, mode="clip")
             else:
                 x[...] = data.X[rows]

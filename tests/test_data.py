@@ -88,3 +88,22 @@ def test_standardization_uses_training_rows_only():
     mean, std = ddata.standardization(data)
     np.testing.assert_allclose(mean, [1.0, 5.0])
     np.testing.assert_allclose(std, [1.0, 1.0])  # constant column: std 0 -> 1
+
+
+def test_shards_of_a_memory_mapped_npz_member_are_the_right_rows(tmp_path):
+    """np.savez members sit at unaligned offsets in the zip; gathers must still read only their rows."""
+    X = np.random.default_rng(1).standard_normal((300, 7)).astype(np.float32)
+    y = np.arange(300) % 4
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    Xm, ym = ddata.load_npz(str(tmp_path / "d.npz"))
+    assert isinstance(Xm, np.memmap)
+    data = ddata.Dataset(Xm, ym, "d").subset(np.arange(10, 300))
+    sched = ddata.Schedule(len(data), 32, seed=0)
+    reader = ddata.BatchReader(data, sched, 16, np.float32)
+    for step in range(12):
+        epoch, start, stop = sched.locate(step)
+        lo, hi = ddata.shard_bounds(stop - start, 2, 1)
+        rows = 10 + sched.epoch_order(epoch)[start + lo:start + hi]
+        x, yy = reader.shard(step, 1, 2)
+        np.testing.assert_array_equal(x, X[rows])
+        np.testing.assert_array_equal(yy, y[rows])
