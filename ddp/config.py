@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import __version__
 from .errors import UsageError
 from .model import ACTIVATIONS, LOSSES
 
@@ -201,6 +202,7 @@ def _flag_type(kind: str):
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description=description, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
                    "(keys with underscores: batch_size = 64); flags override it")
     for f in fields(Config):
