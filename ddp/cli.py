@@ -107,6 +107,10 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
                  f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
                  f"{setup.layout.size:,} parameters; resolved config:")
         log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
+        if cfg.eval_every and setup.val is None:
+            log.warn("--eval-every has no effect without --val-data or --val-fraction")
+        if cfg.samples is not None and cfg.data != "spiral":
+            log.warn("--samples only applies to --data spiral")
         stop.install()
         summary, _ = train(setup, comm, log, stop, wall_start)
         summary["threads_per_rank"] = threads
@@ -117,6 +121,10 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
         return EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
     except PeerError as e:
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        if comm.rank == 0:
+            print(f"{prog}: interrupted before training started", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + 2
     except DDPError as e:
         if e.agreed or comm.world_size == 1:  # raised on this rank only; the others know
             _print_error(prog, e, comm.rank or None)
