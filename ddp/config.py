@@ -166,8 +166,6 @@ def load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: no such file")
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read it ({e.strerror})")
-    except IsADirectoryError:
-        raise UsageError(f"--config {path}: is a directory, not a TOML file")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})")
     out = {}
