@@ -43,11 +43,13 @@ def _cores() -> int:
 
 def limit_threads(threads: int | None, local_ranks: int) -> int:
     """BLAS threads per rank: --threads, else this host's cores over its ranks (at least 1)."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     n = threads or max(1, _cores() // max(local_ranks, 1))
     threadpool_limits(limits=n)
-    return n
+    # report what the BLAS library now says it uses, not what was asked for
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return max(blas) if blas else n
 
 
 def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:

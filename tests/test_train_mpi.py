@@ -127,3 +127,12 @@ def test_console_scripts_are_installed_and_run(tmp_path):
     assert "done: 20 steps on 2 ranks" in r.stdout
     p = run([predict_script, "--model", str(tmp_path / "m.npz"), "--data", "spiral"])
     assert p.returncode == 0 and "accuracy" in p.stdout, p.stderr
+
+
+def test_blas_threads_split_the_cores_between_local_ranks(tmp_path):
+    import os
+    cores = len(os.sched_getaffinity(0))
+    for n, extra, expected in ((1, [], cores), (2, [], max(1, cores // 2)), (2, ["--threads", "3"], 3)):
+        r = train(["--steps", "2", "--summary-json", str(tmp_path / "s.json"), *extra], n=n)
+        assert r.returncode == 0, r.stderr
+        assert read_json(tmp_path / "s.json")["threads_per_rank"] == expected
