@@ -116,4 +116,12 @@ def make_comm():
             raise DDPError("started by an MPI launcher but mpi4py is not installed: "
                            "pip install mpi4py (see the README on using a cluster's MPI)")
         return LocalComm()
-    return MPIComm()
+    comm = MPIComm()
+    announced = launched_size()
+    if comm.world_size == 1 and announced > 1:
+        # e.g. Open MPI's mpirun starting an mpi4py linked to MPICH: every process would
+        # train alone and they would all write the same files
+        raise DDPError(f"the launcher started {announced} processes but MPI sees a world of 1: "
+                       f"mpirun and mpi4py use different MPI libraries; use the mpirun that "
+                       f"matches mpi4py (python -c 'from mpi4py import MPI; print(MPI.Get_library_version())')")
+    return comm

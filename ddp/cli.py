@@ -91,7 +91,8 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
         try:
             comm = make_comm()
         except DDPError as e:
-            _print_error(prog, e)
+            if speaks:
+                _print_error(prog, e)
             return e.exit_code
     log = Log(comm.rank, prog)
     stop = StopRequest()

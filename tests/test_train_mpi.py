@@ -136,3 +136,13 @@ def test_blas_threads_split_the_cores_between_local_ranks(tmp_path):
         r = train(["--steps", "2", "--summary-json", str(tmp_path / "s.json"), *extra], n=n)
         assert r.returncode == 0, r.stderr
         assert read_json(tmp_path / "s.json")["threads_per_rank"] == expected
+
+
+def test_a_launcher_of_another_mpi_is_detected_instead_of_training_alone(tmp_path):
+    """Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE; an MPICH-linked mpi4py then sees a world of 1."""
+    from conftest import _env, one_error_line, run, train_cmd
+    env = dict(_env(), OMPI_COMM_WORLD_SIZE="2")
+    r = run(train_cmd(["--steps", "2", "--output", str(tmp_path / "m.npz")]), env=env)
+    assert r.returncode == 2
+    assert "different MPI libraries" in one_error_line(r.stderr)
+    assert not (tmp_path / "m.npz").exists()
