@@ -286,7 +286,7 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
                     log.info(line)
                 interval[:] = 0
             log.advance()
-            if step % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
                 # params are identical on every rank, so every rank takes this branch alike
                 if not np.isfinite(params).all():
                     raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")

@@ -261,9 +261,6 @@ def validate(cfg: Config) -> None:
          f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
     need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
     need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    if cfg.checkpoint_dir and os.path.exists(cfg.checkpoint_dir):
-        need(os.path.isdir(cfg.checkpoint_dir),
-             f"--checkpoint-dir {cfg.checkpoint_dir}: exists and is not a directory")
     for name in ("output", "summary_json"):
         path = getattr(cfg, name)
         if path:
