@@ -192,9 +192,150 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+class Run:
+    """What both backends do around the summed gradients: hold the parameters and the
+    optimizer, apply each step's update, log, evaluate, checkpoint, summarize.
+
+    The MPI loop and the ZeroMQ coordinator differ only in how the gradient sums of
+    a step come together; each then calls `apply_(grad_sum, loss_sum, correct, n)`.
+    """
+
+    def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator"):
+        cfg, layout = setup.cfg, setup.layout
+        self.setup, self.cfg, self.layout, self.log, self.evaluate = setup, cfg, layout, log, evaluate
+        self.rank = comm.rank
+        self.dtype = np.dtype(cfg.dtype)
+        self.params = np.empty(layout.size, dtype=self.dtype)
+        self.params_views = layout.views(self.params)
+        self.opt = SGD(layout, self.dtype, cfg.lr, cfg.momentum, cfg.l2)
+        self.step = self.start_step = initial_state(setup, comm, log, self.params, self.opt)
+        self.total = setup.total_steps
+        self.spe = setup.schedule.steps_per_epoch
+        self.log_every = cfg.log_every or max(1, (self.total - self.start_step) // 20)
+        self.last_checkpoint = None
+        self.interval = np.zeros(3)  # loss sum, correct, count since the last log line
+        self.samples = 0
+        self.val_loss = self.val_acc = None
+        self.t_eval = 0.0
+        self.t_loop = None
+        self.world_size = comm.world_size
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    def start_clock(self) -> None:
+        self.log.start_progress(self.cfg.progress, self.total, self.start_step)
+        self.t_loop = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.t_loop - self.t_eval
+
+    def check_loss(self, loss_sum: float, n_samples: int) -> None:
+        batch_loss = loss_sum / n_samples
+        if not math.isfinite(batch_loss):
+            kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
+                if self.last_checkpoint is not None else ""
+            raise DivergedError(
+                f"loss became {batch_loss} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
+                f"lower --lr or check the data{kept}")
+
+    def apply_(self, grad_sum: np.ndarray, loss_sum: float, correct: float, n_samples: int) -> None:
+        """One SGD step from the gradient sums of the whole global batch (`grad_sum` is
+        used as scratch), then the log line, evaluation and checkpoint that are due."""
+        self.check_loss(loss_sum, n_samples)
+        self.interval += (loss_sum, correct, n_samples)
+        self.opt.step_(self.params, grad_sum, n_samples)
+        self.step += 1
+        self.samples += n_samples
+        step, cfg = self.step, self.cfg
+        if cfg.eval_every and self.setup.val is not None and step % cfg.eval_every == 0:
+            te = time.perf_counter()
+            self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            self.t_eval += time.perf_counter() - te
+        if step % self.log_every == 0 or step == self.total:
+            self._log_line()
+        self.log.advance()
+        if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
+            # params are identical on every rank, so every rank takes this branch alike
+            if not np.isfinite(self.params).all():
+                raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")
+            self.write_checkpoint()
+
+    def _log_line(self) -> None:
+        loss, correct, count = self.interval
+        line = (f"step {self.step}/{self.total} epoch {self.step // self.spe + (self.step % self.spe > 0)} "
+                f"loss {loss / count + self.opt.l2_penalty(self.params):.4f}")
+        if self.cfg.loss == "cross-entropy":
+            line += f" acc {correct / count:.3f}"
+        if self.val_loss is not None:
+            line += f" val_loss {self.val_loss:.4f}" + (
+                f" val_acc {self.val_acc:.3f}" if self.val_acc is not None else "")
+        line += f" samples/s {self.samples / max(self.train_seconds(), 1e-9):,.0f}"
+        if self.log.has_bar:
+            self.log.bar.set_postfix_str(line.split(" ", 2)[2], refresh=False)
+        else:
+            self.log.info(line)
+        self.interval[:] = 0
+
+    def meta(self) -> dict:
+        epoch, k = divmod(self.step, self.spe)
+        return {"epoch": epoch, "batch_in_epoch": k, "world_size": self.world_size,
+                "config": self.cfg.to_dict()}
+
+    def write_checkpoint(self) -> None:
+        if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
+            self.last_checkpoint = self.step
+            path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.params,
+                                        self.opt.velocity, self.meta())
+            self.log.info(f"checkpoint {path}")
+
+    def finish(self, stop: StopRequest, extra: dict | None = None) -> dict:
+        """Checkpoint; unless interrupted, evaluate and write the model; the summary."""
+        self.log.close_progress()
+        train_seconds = self.train_seconds()
+        cfg, step, total = self.cfg, self.step, self.total
+        interrupted = step < total
+        self.write_checkpoint()
+        if interrupted:
+            signame = signal.Signals(stop.signum).name
+            where = (f"checkpoint in {cfg.checkpoint_dir}; run the same command to resume"
+                     if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
+            self.log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
+        final_loss = train_acc = None
+        if not interrupted:  # a stopped job exits promptly: no final pass over the data
+            final_loss, train_acc = self.evaluate(self.setup.train, self.params_views)
+            final_loss += self.opt.l2_penalty(self.params)
+            if self.setup.val is not None:
+                self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            if self.rank == 0 and cfg.output:
+                ckpt.save_model(cfg.output, self.layout, self.params, model_config(self.setup))
+                self.log.info(f"model written to {cfg.output}")
+        summary = {
+            "steps": step,
+            "total_steps": total,
+            "epochs": step / self.spe,
+            "world_size": self.world_size,
+            "final_loss": final_loss,
+            "train_accuracy": train_acc,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_acc,
+            "samples_per_second": self.samples / train_seconds if train_seconds > 0 else None,
+            "train_seconds": train_seconds,
+            "resumed_from_step": self.start_step,
+            "interrupted": interrupted,
+            "signal": stop.signum or None,
+            "layers": list(self.layout.layers),
+            "parameters": self.layout.size,
+            "dtype": cfg.dtype,
+        }
+        summary.update(extra or {})
+        return summary
+
+
 def train(setup: Setup, comm, log: Log, stop: StopRequest,
           wall_start: float) -> tuple[dict, np.ndarray]:
-    """Run the loop to the last step (or a stop request); return (summary, parameters)."""
+    """The MPI loop to the last step (or a stop request); returns (summary, parameters)."""
     cfg, layout = setup.cfg, setup.layout
     dtype = np.dtype(cfg.dtype)
     world, rank = comm.world_size, comm.rank
@@ -203,47 +344,22 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
     # One buffer for everything that is summed each step: gradients, then stats.
     comm_buf = np.zeros(P + N_STATS, dtype=dtype)
     grad_flat, stats = comm_buf[:P], comm_buf[P:]
-    params = np.empty(P, dtype=dtype)
-    params_views, grad_views = layout.views(params), layout.views(grad_flat)
-    opt = SGD(layout, dtype, cfg.lr, cfg.momentum, cfg.l2)
+    grad_views = layout.views(grad_flat)
 
     # buffers for the largest shard: a batch can hold no more than the training set
     max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))
     compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
-    evaluate = Evaluator(setup, compute, comm, dtype)
+    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype))
 
-    start_step = initial_state(setup, comm, log, params, opt)
-    total = setup.total_steps
-    spe = setup.schedule.steps_per_epoch
-    log_every = cfg.log_every or max(1, (total - start_step) // 20)
-
-    def meta(step: int) -> dict:
-        epoch, k = divmod(step, spe)
-        return {"epoch": epoch, "batch_in_epoch": k, "world_size": world, "config": cfg.to_dict()}
-
-    last_checkpoint = None
-
-    def write_checkpoint(step: int) -> None:
-        nonlocal last_checkpoint
-        if rank == 0 and cfg.checkpoint_dir and step != last_checkpoint:
-            last_checkpoint = step
-            path = ckpt.save_checkpoint(cfg.checkpoint_dir, step, params, opt.velocity, meta(step))
-            log.info(f"checkpoint {path}")
-
-    log.start_progress(cfg.progress, total, start_step)
-    interval = np.zeros(3)  # loss sum, correct, count since the last log line
-    t_compute = t_allreduce = t_eval = 0.0
-    samples = 0
-    val_loss = val_acc = None
-    step = start_step
+    t_compute = t_allreduce = 0.0
     comm.barrier()
-    t_loop = time.perf_counter()
+    run.start_clock()
     try:
-        while step < total:
+        while not run.done:
             t0 = time.perf_counter()
-            x, y = reader.shard(step, rank, world)
-            loss_sum, correct = compute.grad_sums_(params_views, grad_views, x, y)
+            x, y = reader.shard(run.step, rank, world)
+            loss_sum, correct = compute.grad_sums_(run.params_views, grad_views, x, y)
             stats[LOSS], stats[COUNT], stats[CORRECT] = loss_sum, len(x), correct
             stats[STOP] = 1 if stop.signum else 0
             t1 = time.perf_counter()
@@ -251,111 +367,47 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
             t2 = time.perf_counter()
             t_compute += t1 - t0
             t_allreduce += t2 - t1
-
-            global_n = int(stats[COUNT])  # samples in this global batch, over all ranks
-            batch_loss = float(stats[LOSS]) / global_n
-            if not math.isfinite(batch_loss):
-                kept = f"; the last good checkpoint is step {last_checkpoint}" \
-                    if last_checkpoint is not None else ""
-                raise DivergedError(
-                    f"loss became {batch_loss} at step {step + 1} (epoch {step // spe + 1}); "
-                    f"lower --lr or check the data{kept}")
-            interval += (float(stats[LOSS]), float(stats[CORRECT]), global_n)
             stop_requested = stats[STOP] > 0
-            opt.step_(params, grad_flat, global_n)
-            step += 1
-            samples += global_n
-
-            if cfg.eval_every and setup.val is not None and step % cfg.eval_every == 0:
-                te = time.perf_counter()
-                val_loss, val_acc = evaluate(setup.val, params_views)
-                t_eval += time.perf_counter() - te
-            if step % log_every == 0 or step == total:
-                elapsed = time.perf_counter() - t_loop - t_eval
-                line = (f"step {step}/{total} epoch {step // spe + (step % spe > 0)} "
-                        f"loss {interval[0] / interval[2] + opt.l2_penalty(params):.4f}")
-                if cfg.loss == "cross-entropy":
-                    line += f" acc {interval[1] / interval[2]:.3f}"
-                if val_loss is not None:
-                    line += f" val_loss {val_loss:.4f}" + (
-                        f" val_acc {val_acc:.3f}" if val_acc is not None else "")
-                line += f" samples/s {samples / max(elapsed, 1e-9):,.0f}"
-                if log.has_bar:
-                    log.bar.set_postfix_str(line.split(" ", 2)[2], refresh=False)
-                else:
-                    log.info(line)
-                interval[:] = 0
-            log.advance()
-            if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
-                # params are identical on every rank, so every rank takes this branch alike
-                if not np.isfinite(params).all():
-                    raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")
-                write_checkpoint(step)
+            run.apply_(grad_flat, float(stats[LOSS]), float(stats[CORRECT]), int(stats[COUNT]))
             if stop_requested:
                 break
     finally:
         log.close_progress()
-    t_loop_end = time.perf_counter()
-    train_seconds = t_loop_end - t_loop - t_eval
-    interrupted = step < total
-    if interrupted:  # the signal may have reached one rank only: agree on which it was
+    if not run.done:  # the signal may have reached one rank only: agree on which it was
         signum = np.array([stop.signum], dtype=np.int64)
         comm.allreduce_(signum, op="max")
         stop.signum = int(signum[0])
-    write_checkpoint(step)
-    if interrupted:
-        signame = signal.Signals(stop.signum).name
-        where = (f"checkpoint in {cfg.checkpoint_dir}; run the same command to resume"
-                 if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
-        log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
-
-    final_loss = train_acc = None
-    if not interrupted:  # a stopped job exits promptly: no final pass over the data
-        final_loss, train_acc = evaluate(setup.train, params_views)
-        final_loss += opt.l2_penalty(params)
-        if setup.val is not None:
-            val_loss, val_acc = evaluate(setup.val, params_views)
-        if rank == 0 and cfg.output:
-            ckpt.save_model(cfg.output, layout, params, model_config(setup))
-            log.info(f"model written to {cfg.output}")
-
-    return {
-        "steps": step,
-        "total_steps": total,
-        "epochs": step / spe,
-        "world_size": world,
-        "final_loss": final_loss,
-        "train_accuracy": train_acc,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
-        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "train_seconds": train_seconds,
+    train_seconds = run.train_seconds()
+    summary = run.finish(stop, {
+        "backend": "mpi",
         "compute_seconds": t_compute,
         "allreduce_seconds": t_allreduce,
         "allreduce_fraction": t_allreduce / train_seconds if train_seconds > 0 else None,
-        "resumed_from_step": start_step,
-        "interrupted": interrupted,
-        "signal": stop.signum or None,
-        "layers": list(layout.layers),
-        "parameters": P,
-        "dtype": cfg.dtype,
-    }, params
+    })
+    summary["wall_seconds"] = time.perf_counter() - wall_start
+    return summary, run.params
+
+
+def _who(s: dict) -> str:
+    n = s["world_size"]
+    if s.get("backend") == "zmq":
+        return f"{n} worker{'s' * (n != 1)}"
+    return f"{n} rank{'s' * (n > 1)}"
 
 
 def summary_text(s: dict) -> str:
     if s["interrupted"]:
-        return (f"stopped: {s['steps']}/{s['total_steps']} steps on {s['world_size']} "
-                f"rank{'s' * (s['world_size'] > 1)}, {_fmt(s['samples_per_second'], ',.0f')} samples/s")
+        return (f"stopped: {s['steps']}/{s['total_steps']} steps on {_who(s)}, "
+                f"{_fmt(s['samples_per_second'], ',.0f')} samples/s")
     acc = "" if s["train_accuracy"] is None else f" accuracy {s['train_accuracy']:.4f}"
     val = ""
     if s["val_loss"] is not None:
         val = f", val loss {s['val_loss']:.4f}" + (
             "" if s["val_accuracy"] is None else f" accuracy {s['val_accuracy']:.4f}")
-    sps = s["samples_per_second"]
-    return (f"done: {s['steps']} steps on {s['world_size']} rank{'s' * (s['world_size'] > 1)}, "
-            f"loss {s['final_loss']:.4f}{acc}{val}, "
-            f"{_fmt(sps, ',.0f')} samples/s, allreduce {_fmt(s['allreduce_fraction'], '.1%')} "
-            f"of step time, wall {s['wall_seconds']:.2f} s")
-
-
+    if s.get("backend") == "zmq":
+        comm = f"{_fmt(s['bytes_per_step'] / 1e6 if s['bytes_per_step'] else None, ',.1f')} MB sent+received per step"
+    else:
+        comm = f"allreduce {_fmt(s['allreduce_fraction'], '.1%')} of step time"
+    return (f"done: {s['steps']} steps on {_who(s)}, loss {s['final_loss']:.4f}{acc}{val}, "
+            f"{_fmt(s['samples_per_second'], ',.0f')} samples/s, {comm}, "
+            f"wall {s['wall_seconds']:.2f} s")
