@@ -28,34 +28,12 @@ from ddp.errors import DDPError, DivergedError, UsageError
 from ddp.log import Log
 from ddp.model import Layout, init_params_
 from ddp.optim import SGD
+from ddp.signals import StopRequest  # noqa: F401 (part of this module's interface)
 from worker.compute import ShardCompute
 
 # Slots after the gradients in the buffer that is allreduced each step.
 LOSS, COUNT, CORRECT, STOP = range(4)
 N_STATS = 4
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal kills."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:  # second signal: give up at once
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 @dataclass
@@ -388,6 +366,15 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
     return summary, run.params
 
 
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _who(s: dict) -> str:
     n = s["world_size"]
     if s.get("backend") == "zmq":
@@ -405,7 +392,7 @@ def summary_text(s: dict) -> str:
         val = f", val loss {s['val_loss']:.4f}" + (
             "" if s["val_accuracy"] is None else f" accuracy {s['val_accuracy']:.4f}")
     if s.get("backend") == "zmq":
-        comm = f"{_fmt(s['bytes_per_step'] / 1e6 if s['bytes_per_step'] else None, ',.1f')} MB sent+received per step"
+        comm = f"{_bytes(s['bytes_per_step'])} sent+received per step"
     else:
         comm = f"allreduce {_fmt(s['allreduce_fraction'], '.1%')} of step time"
     return (f"done: {s['steps']} steps on {_who(s)}, loss {s['final_loss']:.4f}{acc}{val}, "

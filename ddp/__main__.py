@@ -1,9 +1,15 @@
-"""`python -m ddp train|predict ...`: the console scripts without the scripts."""
+"""`python -m ddp COMMAND ...`: the console scripts without the scripts."""
 import sys
 
-from .cli import run_predict, run_train
+from .cli import run_keygen, run_predict, run_train, run_worker
 
-COMMANDS = {"train": run_train, "predict": run_predict}
+COMMANDS = {
+    "train": run_train,
+    "coordinator": lambda argv: run_train(argv, prog="ddp-coordinator"),
+    "worker": run_worker,
+    "keygen": run_keygen,
+    "predict": run_predict,
+}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

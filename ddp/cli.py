@@ -1,4 +1,4 @@
-"""Entry points: ddp-train and ddp-predict.
+"""Entry points: ddp-train, ddp-coordinator, ddp-worker, ddp-keygen and ddp-predict.
 
 Every error the user can cause ends as one line on stderr and a non-zero exit
 (see ddp.errors for the codes); under mpirun exactly one rank prints it and
@@ -17,6 +17,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as ddata
+from . import __version__
 from .config import Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError)
@@ -31,7 +32,22 @@ per step makes them meet; every rank applies the same update.
 
 Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
 4 cannot write a checkpoint, model or summary; 128+N interrupted by signal N
-(a checkpoint was written: run the same command to resume)."""
+(a checkpoint was written: run the same command to resume).
+
+With --backend zmq there is no MPI: this process becomes a ZeroMQ coordinator
+and starts --workers worker processes (see ddp-coordinator, ddp-worker)."""
+
+COORDINATOR_DESCRIPTION = """\
+Run a training job as a ZeroMQ coordinator: it holds the model and the
+optimizer, serves workers (ddp-worker --connect ENDPOINT) on --bind, cuts every
+global batch into contiguous shards over the workers present, adds their
+gradient sums and applies the SGD step. Workers may join, leave or die at any
+time; a shard that was lost is recomputed, so the result is that of an
+undisturbed run. Takes every training flag of ddp-train.
+
+Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
+4 cannot write a checkpoint, model or summary; 128+N stopped by signal N
+(checkpoint written, workers told to exit: run the same command to resume)."""
 
 
 def _cores() -> int:
@@ -68,25 +84,36 @@ def _write_json(path: str, obj: dict) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror or e}")
 
 
-def run_train(argv: list[str] | None = None, comm=None) -> int:
-    """ddp-train; returns the exit code. `comm` defaults to MPI (a world of one without mpirun)."""
+def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train") -> int:
+    """ddp-train (and ddp-coordinator); returns the exit code. `comm` defaults to MPI
+    (a world of one without mpirun); --backend zmq uses no MPI at all."""
     wall_start = time.perf_counter()
-    from coordinator.mpi import launched_rank, make_comm
+    from coordinator.mpi import LocalComm, launched_rank, launched_size, make_comm
     from coordinator.trainer import StopRequest, prepare, summary_text, train
 
-    prog = "ddp-train"
+    serving = prog == "ddp-coordinator"
     speaks = launched_rank() == 0 if comm is None else comm.rank == 0
-    parser = build_parser(prog, TRAIN_DESCRIPTION)
+    if serving:
+        parser = build_parser(prog, COORDINATOR_DESCRIPTION, exclude=("backend",))
+    else:
+        parser = build_parser(prog, TRAIN_DESCRIPTION)
     if not speaks:  # --help and --version text once, not once per rank
         parser.print_help = lambda file=None: None
     cfg, error = None, None
     try:
-        cfg = resolve(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if serving:
+            args.backend = "zmq"
+        cfg = resolve(args)
+        if cfg.backend == "zmq":
+            _check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
         error = e
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
+    if cfg is not None and cfg.backend == "zmq":
+        comm = LocalComm()
     if comm is None:
         try:
             comm = make_comm()
@@ -98,15 +125,26 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
     stop = StopRequest()
     try:
         comm.agree(error)
-        threads = limit_threads(cfg.threads, comm.local_size)
+        zmq_workers = 0
+        if cfg.backend == "zmq":
+            zmq_workers = cfg.workers if cfg.workers is not None else (0 if serving else _cores())
+            threads = limit_threads(cfg.threads, 1)
+            worker_threads = cfg.threads or max(1, _cores() // max(zmq_workers, 1))
+        else:
+            threads = limit_threads(cfg.threads, comm.local_size)
         error, setup = None, None
         try:
             setup = prepare(cfg)
         except DDPError as e:
             error = e
         comm.agree(error)
-        log.info(f"{prog}: {comm.world_size} rank{'s' * (comm.world_size > 1)}, "
-                 f"{threads} BLAS thread{'s' * (threads > 1)} each, {len(setup.train)} training "
+        if cfg.backend == "zmq":
+            who = (f"coordinator with {zmq_workers} local worker{'s' * (zmq_workers != 1)} "
+                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each)")
+        else:
+            who = (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads} BLAS "
+                   f"thread{'s' * (threads > 1)} each")
+        log.info(f"{prog}: {who}, {len(setup.train)} training "
                  f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
                  f"{setup.layout.size:,} parameters; resolved config:")
         log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
@@ -115,7 +153,13 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
         if cfg.samples is not None and cfg.data != "spiral":
             log.warn("--samples only applies to --data spiral")
         stop.install()
-        summary, _ = train(setup, comm, log, stop, wall_start)
+        if cfg.backend == "zmq":
+            from coordinator.server import serve
+
+            summary, _ = serve(setup, log, stop, spawn=zmq_workers, worker_threads=worker_threads)
+            summary["wall_seconds"] = time.perf_counter() - wall_start
+        else:
+            summary, _ = train(setup, comm, log, stop, wall_start)
         summary["threads_per_rank"] = threads
         if comm.rank == 0:
             if setup.cfg.summary_json:
@@ -148,6 +192,15 @@ def run_train(argv: list[str] | None = None, comm=None) -> int:
         return EXIT_INTERNAL
     finally:
         stop.restore()
+
+
+def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
+    if launched > 1:
+        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun")
+    if prog == "ddp-coordinator" and not cfg.bind:
+        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
+    if cfg.workers == 0 and not cfg.bind:
+        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
 
 
 def train_main() -> None:
@@ -258,3 +311,162 @@ def predict_main() -> None:
     sys.exit(run_predict())
 
 
+
+
+# --- ddp-coordinator, ddp-worker, ddp-keygen ------------------------------------------
+
+
+def coordinator_main() -> None:
+    sys.exit(run_train(prog="ddp-coordinator"))
+
+
+WORKER_DESCRIPTION = """\
+Join a ddp-train job served by a ZeroMQ coordinator (ddp-coordinator, or
+ddp-train --backend zmq --bind ...): receive the job description, load the same
+data (its content must match the coordinator's), then compute the gradient sums
+of the rows the coordinator hands out each step. Ctrl-C or SIGTERM leaves
+cleanly; if the coordinator goes away the worker reconnects by itself.
+
+Exit codes: 0 the job finished or the coordinator stopped; 1 internal error;
+2 bad input, refused by the coordinator, or keys rejected; 5 no coordinator
+answered within --retry-for; 128+N left on signal N."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def run_worker(argv: list[str] | None = None) -> int:
+    from .signals import StopRequest
+
+    prog = "ddp-worker"
+    p = _Parser(prog=prog, description=WORKER_DESCRIPTION, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT",
+                   help="the coordinator's endpoint, e.g. tcp://10.0.0.5:5555")
+    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key (from ddp-keygen)")
+    p.add_argument("--server-key", metavar="FILE", help="the coordinator's public key (coordinator.key)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="BLAS threads (default: the cores of this host)")
+    p.add_argument("--retry-for", type=_positive_float, metavar="SECONDS",
+                   help="give up (exit 5) when no coordinator answers for this long (default: never)")
+    p.add_argument("--status", action="store_true",
+                   help="print the coordinator's status as JSON and exit, instead of joining")
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    stop = StopRequest()
+    try:
+        args = p.parse_args(argv)
+        if args.threads is not None and args.threads <= 0:
+            raise UsageError(f"--threads must be positive, got {args.threads}")
+        from worker.service import WorkerService, load_keys, query_status
+
+        keys = load_keys(args.curve_secret, args.server_key)
+        if args.status:
+            print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
+            return EXIT_OK
+        limit_threads(args.threads, 1)
+        stop.install()
+        log = Log(0, prog, quiet=args.quiet)
+        return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
+    except SystemExit as e:
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        return EXIT_SIGNAL_BASE + 2
+    except DDPError as e:
+        _print_error(prog, e)
+        return e.exit_code
+    except Exception:
+        traceback.print_exc()
+        _print_error(prog, "internal error (the traceback above is a bug report)")
+        return EXIT_INTERNAL
+    finally:
+        stop.restore()
+
+
+def worker_main() -> None:
+    sys.exit(run_worker())
+
+
+KEYGEN_DESCRIPTION = """\
+Write CURVE key pairs for an authenticated, encrypted ZeroMQ job into DIR:
+
+  DIR/coordinator.key_secret   the coordinator's --curve-secret (created once)
+  DIR/coordinator.key          its public key: every worker's --server-key
+  DIR/NAME.key_secret          a worker's --curve-secret (NAME: worker, or --name)
+  DIR/authorized/NAME.key      the worker's public key: the coordinator's
+                               --authorized-keys DIR/authorized lets it in
+
+Existing files are never overwritten. Copy a worker's .key_secret only to that
+worker; remove DIR/authorized/NAME.key to lock a worker out (on the next start)."""
+
+
+def run_keygen(argv: list[str] | None = None) -> int:
+    from . import keys as keyfiles
+
+    prog = "ddp-keygen"
+    p = _Parser(prog=prog, description=KEYGEN_DESCRIPTION, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("dir", metavar="DIR", help="directory for the keys (created if missing)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="a worker key pair with this name (repeatable; default: worker)")
+    try:
+        args = p.parse_args(argv)
+        import zmq
+
+        names = args.name or ["worker"]
+        for name in names:
+            if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+                raise UsageError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+            if name == "coordinator":
+                raise UsageError("--name coordinator is reserved for the coordinator's own key")
+        authorized = os.path.join(args.dir, "authorized")
+        try:
+            os.makedirs(authorized, exist_ok=True)
+            os.chmod(args.dir, 0o700)
+        except OSError as e:
+            raise UsageError(f"{args.dir}: cannot create it ({e.strerror or e})")
+        for name in names:
+            if os.path.exists(os.path.join(args.dir, f"{name}.key_secret")):
+                raise UsageError(f"{os.path.join(args.dir, name)}.key_secret exists; give another "
+                                 f"--name to add a worker")
+        written = []
+
+        def pair(base: str, public_copy: str | None = None) -> None:
+            public, secret = zmq.curve_keypair()
+            keyfiles.write_keys(base + ".key_secret", public, secret)
+            keyfiles.write_keys(base + ".key", public, None)
+            written.extend([base + ".key_secret", base + ".key"])
+            if public_copy:
+                keyfiles.write_keys(public_copy, public, None)
+                written.append(public_copy)
+
+        try:
+            coordinator = os.path.join(args.dir, "coordinator")
+            if not os.path.exists(coordinator + ".key_secret"):
+                pair(coordinator)
+            for name in names:
+                pair(os.path.join(args.dir, name), os.path.join(authorized, f"{name}.key"))
+        except FileExistsError as e:
+            raise UsageError(f"{e.filename} exists; remove it or give another --name")
+        except OSError as e:
+            raise OutputError(f"cannot write {getattr(e, 'filename', args.dir)}: {e.strerror or e}")
+        for path in written:
+            print(f"wrote {path}")
+        return EXIT_OK
+    except SystemExit as e:
+        return int(e.code or 0)
+    except DDPError as e:
+        _print_error(prog, e)
+        return e.exit_code
+
+
+def keygen_main() -> None:
+    sys.exit(run_keygen())

@@ -77,6 +77,24 @@ class Config:
     # machine
     threads: int | None = _opt("BLAS threads per rank (default: cores on this host / local ranks)",
                                default=None)
+    # ZeroMQ backend: a coordinator holds the model, workers compute shards
+    backend: str = _opt("how gradients meet: mpi (mpirun, or one process) or zmq (a coordinator "
+                        "and worker processes)", metavar="{mpi,zmq}", default="mpi")
+    workers: int | None = _opt("zmq: worker processes to start on this host (default: ddp-train "
+                               "one per core, ddp-coordinator none)", default=None)
+    bind: str | None = _opt("zmq: serve workers on this endpoint, e.g. tcp://127.0.0.1:5555 "
+                            "(default for ddp-train: a private ipc:// socket)", metavar="ENDPOINT",
+                            default=None)
+    min_workers: int = _opt("zmq: wait until this many workers are connected before a step",
+                            default=1)
+    worker_timeout: float = _opt("zmq: seconds of silence after which a worker counts as dead and "
+                                 "its shard is recomputed by others", metavar="SECONDS", default=3.0)
+    curve_secret: str | None = _opt("zmq: the coordinator's secret key (from ddp-keygen): encrypt "
+                                    "and authenticate with CURVE", metavar="FILE", default=None)
+    authorized_keys: str | None = _opt("zmq: directory of the public keys (*.key) of the workers "
+                                       "allowed to join", metavar="DIR", default=None)
+    insecure: bool = _opt("zmq: allow a non-loopback --bind without CURVE keys (anyone who can "
+                          "reach the port can join and read the model)", default=False)
 
     # --- derived values -----------------------------------------------------
 
@@ -197,13 +215,16 @@ def _flag_type(kind: str):
     return convert
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """Flags for every Config field but those in `exclude`."""
     p = _Parser(prog=prog, description=description, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
                    "(keys with underscores: batch_size = 64); flags override it")
     for f in fields(Config):
+        if f.name in exclude:
+            continue
         kind, flag = _base_type(f), "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if kind == "bool":
@@ -261,6 +282,18 @@ def validate(cfg: Config) -> None:
          f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
     need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
     need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    need(cfg.backend in ("mpi", "zmq"), f"--backend {cfg.backend!r} is not one of: mpi, zmq")
+    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.min_workers >= 1, f"--min-workers must be a positive integer, got {cfg.min_workers}")
+    need(cfg.worker_timeout > 0 and _finite(cfg.worker_timeout),
+         f"--worker-timeout must be a positive number of seconds, got {cfg.worker_timeout}")
+    need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
+         "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
+    if cfg.backend == "mpi":
+        given = [f for f in ("workers", "bind", "curve_secret", "authorized_keys")
+                 if getattr(cfg, f) is not None] + (["insecure"] if cfg.insecure else [])
+        need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
+                        f"backend only; add --backend zmq")
     for name in ("output", "summary_json"):
         path = getattr(cfg, name)
         if path:
@@ -271,3 +304,23 @@ def validate(cfg: Config) -> None:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def job_config(cfg: Config) -> dict[str, Any]:
+    """What a ZeroMQ worker needs to read the same samples and build the same model:
+    the keys that fix the data schedule and the model (validation data stays with
+    the coordinator, which evaluates)."""
+    d = cfg.to_dict()
+    job = {k: d[k] for k in TRAJECTORY_KEYS}
+    job["val_data"] = None
+    return job
+
+
+def config_from_job(job: Any, source: str = "the coordinator's job") -> Config:
+    """A Config from a job description that came over the network, checked like a TOML file."""
+    if not isinstance(job, dict) or set(job) != set(TRAJECTORY_KEYS):
+        raise UsageError(f"{source} does not have the expected keys; is the coordinator the "
+                         f"same version of ddp-train ({__version__})?")
+    cfg = Config(**{k: _coerce(k, v, source) for k, v in job.items()})
+    validate(cfg)
+    return cfg

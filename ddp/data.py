@@ -9,6 +9,7 @@ samples a step sees never depends on the number of processes.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zipfile
@@ -366,6 +367,11 @@ class Schedule:
         start = k * self.batch_size
         return epoch, start, min(start + self.batch_size, self.n_train)
 
+    def batch_len(self, step: int) -> int:
+        """Samples in `step`'s global batch (the last batch of an epoch may be short)."""
+        _, start, stop = self.locate(step)
+        return stop - start
+
 
 class BatchReader:
     """Gathers one shard of a global batch into preallocated buffers.
@@ -391,8 +397,11 @@ class BatchReader:
 
     def shard(self, step: int, rank: int, world_size: int):
         """(x, y) of this rank's shard of `step`'s global batch."""
-        epoch, start, stop = self.schedule.locate(step)
-        lo, hi = shard_bounds(stop - start, world_size, rank)
+        return self.batch_part(step, *shard_bounds(self.schedule.batch_len(step), world_size, rank))
+
+    def batch_part(self, step: int, lo: int, hi: int):
+        """(x, y) of rows [lo, hi) of `step`'s global batch."""
+        epoch, start, _ = self.schedule.locate(step)
         order = self.order(epoch)
         positions = slice(start + lo, start + hi) if order is None else order[start + lo:start + hi]
         return self.rows(positions)
@@ -421,3 +430,19 @@ class BatchReader:
             x -= self.mean
             x *= self.inv_std
         return x, y
+
+
+def fingerprint(data: Dataset, mean: np.ndarray | None, std: np.ndarray | None,
+                chunk_rows: int = 65536) -> str:
+    """A hash of everything a worker's shards are read from: the bytes of X and y, the
+    rows in use and the standardization. Two processes that would read different
+    samples for the same positions get different fingerprints."""
+    h = hashlib.blake2b(digest_size=16)
+    X, y = data.X, data.y
+    h.update(f"{X.shape}{X.dtype.str}{y.shape}{y.dtype.str}".encode())
+    for start in range(0, len(X), chunk_rows):
+        h.update(np.ascontiguousarray(X[start:start + chunk_rows]).data)
+    h.update(np.ascontiguousarray(y).data)
+    for extra in (data.rows, mean, std):
+        h.update(b"-" if extra is None else np.ascontiguousarray(extra).data)
+    return h.hexdigest()

@@ -9,6 +9,7 @@ EXIT_INTERNAL = 1   # a bug: unexpected exception (traceback shown)
 EXIT_USAGE = 2      # bad input: flags, config, data, init or model file
 EXIT_DIVERGED = 3   # loss became NaN/Inf; the last good checkpoint is kept
 EXIT_IO = 4         # could not write a checkpoint, model or summary
+EXIT_UNREACHABLE = 5  # ddp-worker: no coordinator answered within --retry-for
 EXIT_SIGNAL_BASE = 128  # interrupted by signal N: exit 128+N after checkpointing
 
 

@@ -5,8 +5,8 @@ import sys
 
 
 class Log:
-    def __init__(self, rank: int = 0, prog: str = "ddp-train", stream=None):
-        self.rank, self.prog = rank, prog
+    def __init__(self, rank: int = 0, prog: str = "ddp-train", stream=None, quiet: bool = False):
+        self.rank, self.prog, self.quiet = rank, prog, quiet
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
 
@@ -15,7 +15,7 @@ class Log:
         return self.rank == 0
 
     def info(self, msg: str) -> None:
-        if self.speaks:
+        if self.speaks and not self.quiet:
             self._write(msg)
 
     def warn(self, msg: str) -> None:

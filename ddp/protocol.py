@@ -1,0 +1,153 @@
+"""The wire protocol between the ZeroMQ coordinator and its workers (no zmq here).
+
+A message is one header frame and zero or one array frame:
+
+    [header]            UTF-8 JSON object: "v" (protocol version), "type", fields of that type
+    [header, array]     ... plus the raw little-endian bytes of a flat parameter-sized array
+
+Nothing that arrives is trusted: the header's size is bounded before it is parsed,
+JSON constants NaN/Infinity are refused, every field of the type is checked for
+presence, type and range (unknown fields are refused too), and an array frame is
+accepted only with the exact byte size the model needs. Nothing is ever unpickled.
+
+worker → coordinator
+    hello       {}                                  join: send me the job
+    ready       {job, fingerprint}                  data loaded; its content fingerprint
+    grads       {job, step, task, n, loss, correct} + Σ gradients of the task's rows
+    diverged    {job, step, task}                   the task's loss is NaN/Inf (no array)
+    heartbeat   {job}                               alive (sent while computing too)
+    bye         {job}                               leaving (Ctrl-C / SIGTERM on the worker)
+    status      {}                                  any client: what is the coordinator doing?
+coordinator → worker
+    job         {job, config, heartbeat, timeout}   the job: config keys that fix data and model
+    welcome     {job, step}                         data matches: a member from the next step on
+    refuse      {reason}                            not admitted; the worker exits with the reason
+    task        {job, step, task, lo, hi} + params  Σ gradients over rows [lo, hi) of step's batch
+    heartbeat   {job}
+    rejoin      {}                                  unknown worker (e.g. coordinator restarted): hello again
+    stop        {reason}                            training over or coordinator shutting down: exit
+    status_reply {status}                           the reply to status
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+VERSION = 1
+MAX_HEADER = 4096            # bytes: any header a worker sends is far smaller
+MAX_REPLY_HEADER = 1 << 20   # coordinator → worker headers (job config, status)
+_MAX_INT = 1 << 53
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; `str()` says what was wrong."""
+
+
+# field kinds: "id" hex string, "int" non-negative integer, "float" finite number,
+# "str" short string, "dict" JSON object
+_SCHEMA = {
+    # worker → coordinator
+    "hello": {},
+    "ready": {"job": "id", "fingerprint": "id"},
+    "grads": {"job": "id", "step": "int", "task": "int", "n": "int", "loss": "float", "correct": "int"},
+    "diverged": {"job": "id", "step": "int", "task": "int"},
+    "heartbeat": {"job": "id"},
+    "bye": {"job": "id"},
+    "status": {},
+    # coordinator → worker
+    "job": {"job": "id", "config": "dict", "heartbeat": "float", "timeout": "float"},
+    "welcome": {"job": "id", "step": "int"},
+    "refuse": {"reason": "str"},
+    "task": {"job": "id", "step": "int", "task": "int", "lo": "int", "hi": "int"},
+    "rejoin": {},
+    "stop": {"reason": "str"},
+    "status_reply": {"status": "dict"},
+}
+# which types carry an array frame
+ARRAY_TYPES = {"grads", "task"}
+FROM_WORKER = {"hello", "ready", "grads", "diverged", "heartbeat", "bye", "status"}
+FROM_COORDINATOR = {"job", "welcome", "refuse", "task", "heartbeat", "rejoin", "stop", "status_reply"}
+
+
+def _no_constants(name: str):
+    raise ProtocolError(f"JSON constant {name} is not allowed")
+
+
+def _check_field(name: str, kind: str, value) -> None:
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INT
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind == "id":
+        ok = isinstance(value, str) and 0 < len(value) <= 64 and all(c in "0123456789abcdef" for c in value)
+    elif kind == "str":
+        ok = isinstance(value, str) and len(value) <= 4096
+    else:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ProtocolError(f"field {name!r} is not a valid {kind}: {str(value)[:40]!r}")
+
+
+def encode(type_: str, **fields) -> bytes:
+    assert set(fields) == set(_SCHEMA[type_]), (type_, fields)
+    return json.dumps({"v": VERSION, "type": type_, **fields}, separators=(",", ":")).encode()
+
+
+def decode(frame: bytes, allowed: set[str], max_size: int = MAX_HEADER) -> dict:
+    """The validated header as a dict, or ProtocolError. `allowed`: the types this side accepts."""
+    if len(frame) > max_size:
+        raise ProtocolError(f"header of {len(frame)} bytes (at most {max_size})")
+    try:
+        msg = json.loads(bytes(frame).decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"header is not JSON ({str(e)[:60]})")
+    if not isinstance(msg, dict):
+        raise ProtocolError("header is not a JSON object")
+    if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
+        raise ProtocolError(f"protocol version {str(msg.get('v'))[:20]!r}, expected {VERSION}")
+    type_ = msg.get("type")
+    if not isinstance(type_, str) or type_ not in allowed:
+        raise ProtocolError(f"unexpected message type {str(type_)[:20]!r}")
+    schema = _SCHEMA[type_]
+    extra = set(msg) - set(schema) - {"v", "type"}
+    if extra:
+        raise ProtocolError(f"unknown field(s) {sorted(extra)[:3]} in {type_}")
+    for name, kind in schema.items():
+        if name not in msg:
+            raise ProtocolError(f"{type_} without field {name!r}")
+        _check_field(name, kind, msg[name])
+    return msg
+
+
+def wire_dtype(dtype) -> np.dtype:
+    """The little-endian dtype arrays travel in."""
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def array_from_frame(buf, dtype, count: int) -> np.ndarray:
+    """A read-only view of an array frame after checking its exact size (no copy)."""
+    dt = wire_dtype(dtype)
+    nbytes = memoryview(buf).nbytes
+    if nbytes != count * dt.itemsize:
+        raise ProtocolError(f"array frame of {nbytes} bytes, expected {count * dt.itemsize} "
+                            f"({count} × {dt.name})")
+    return np.frombuffer(buf, dtype=dt, count=count)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """(transport, host) of tcp://HOST:PORT or ipc://PATH; ValueError with the reason."""
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return "ipc", ""
+    if endpoint.startswith("tcp://"):
+        host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+        if sep and host and (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            return "tcp", host.strip("[]")
+    raise ValueError("expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc:///path/to/socket")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True when only processes on this host can reach the endpoint."""
+    transport, host = parse_endpoint(endpoint)
+    return transport == "ipc" or host in ("localhost", "::1") or host.startswith("127.")
