@@ -75,27 +75,6 @@ class Task:
     diverged: int = 0              # times a worker reported a non-finite loss for these rows
 
 
-class SendBuffers:
-    """Snapshots of the parameters for zero-copy sends: a buffer is reused only after
-    libzmq has let go of every message that points into it."""
-
-    def __init__(self, size: int, dtype):
-        self.size, self.dtype = size, protocol.wire_dtype(dtype)
-        self.pool: list[tuple[np.ndarray, list]] = []
-
-    def snapshot(self, params: np.ndarray) -> tuple[np.ndarray, list]:
-        for buf, trackers in self.pool:
-            if all(t.done for t in trackers):
-                trackers.clear()
-                buf[...] = params
-                return buf, trackers
-        buf, trackers = np.empty(self.size, self.dtype), []
-        buf[...] = params
-        if len(self.pool) < 2:  # more than two are only needed while a peer is stuck
-            self.pool.append((buf, trackers))
-        return buf, trackers
-
-
 class CurveKeys:
     """The coordinator's key pair and the public keys it lets in (a ZAP callback)."""
 
@@ -142,7 +121,8 @@ class Coordinator:
         self.heartbeat = max(0.05, self.timeout / 6)
         self.keys = keys
 
-        self.ctx = zmq.Context()
+        # two I/O threads: parameters go out to (and sums come in from) two workers at once
+        self.ctx = zmq.Context(io_threads=2)
         self.auth = None
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -179,9 +159,7 @@ class Coordinator:
         self.tasks: dict[int, Task] = {}
         self.step = 0
         self.state = "starting"
-        self.send_buffers = SendBuffers(self.P, self.dtype)
         self.params_buf = None
-        self.params_trackers = None
         self.probe_until = 0.0
         self.last_probe = 0.0
         self.bytes_sent = self.bytes_received = 0
@@ -194,16 +172,14 @@ class Coordinator:
 
     # --- sending ------------------------------------------------------------------
 
-    def _send(self, peer: bytes, header: bytes, array: np.ndarray | None = None,
-              trackers: list | None = None) -> bool:
+    def _send(self, peer: bytes, header: bytes, array: np.ndarray | None = None) -> bool:
         """Send without blocking; False when the peer is gone or not reading."""
         try:
             if array is None:
                 self.sock.send_multipart([peer, header], flags=zmq.NOBLOCK)
             else:
                 self.sock.send_multipart([peer, header], flags=zmq.NOBLOCK | zmq.SNDMORE)
-                tracker = self.sock.send(array, flags=zmq.NOBLOCK, copy=False, track=True)
-                trackers.append(tracker)
+                self.sock.send(array, flags=zmq.NOBLOCK, copy=False)
                 self.bytes_sent += array.nbytes
             self.bytes_sent += len(header)
         except zmq.ZMQError as e:
@@ -266,7 +242,7 @@ class Coordinator:
         member.rows += task.hi - task.lo
         header = protocol.encode("task", job=self.job_id, step=self.step, task=task.id,
                                  lo=task.lo, hi=task.hi)
-        if not self._send(member.peer, header, self.params_buf, self.params_trackers):
+        if not self._send(member.peer, header, self.params_buf):
             self._drop_member(member, "is unreachable", lost=True)
 
     def _reassign(self, task: Task, avoid: bytes | None = None) -> None:
@@ -432,7 +408,10 @@ class Coordinator:
         if not self._wait_for_workers():
             return None
         n = self.setup.schedule.batch_len(step)
-        self.params_buf, self.params_trackers = self.send_buffers.snapshot(params)
+        # Sent zero-copy: the update writes into this buffer only after every shard of the
+        # step came back. A copy still queued then for a stalled worker may go out half
+        # updated, but it belongs to a finished step, so its answer is dropped as stale.
+        self.params_buf = params.view(self.dtype)
         members = list(self.members.values())[:n]  # never more shards than rows
         self.tasks = {}
         for i, member in enumerate(members):
@@ -473,11 +452,14 @@ class Coordinator:
         """Add the results in shard order into grad_sum; (loss, correct), or (None, None)
         after sending back for recomputation the shards whose sums are not finite."""
         done = sorted(self.tasks.values(), key=lambda t: t.lo)
-        np.copyto(grad_sum, done[0].result[0])
-        for task in done[1:]:
+        if len(done) == 1:
+            np.copyto(grad_sum, done[0].result[0])
+        else:
+            np.add(done[0].result[0], done[1].result[0], out=grad_sum)
+        for task in done[2:]:
             grad_sum += task.result[0]
-        if not np.isfinite(grad_sum).all():
-            bad = [t for t in done if not np.isfinite(t.result[0]).all()]
+        if not _all_finite(grad_sum):
+            bad = [t for t in done if not _all_finite(t.result[0])]
             if bad:  # finite sums can overflow only together; a non-finite one is invalid
                 for task in bad:
                     self._strike(task.peer, "non-finite gradients")
@@ -528,6 +510,12 @@ class Coordinator:
         self.ctx.term()
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """Σa² is a sum of non-negative terms: finite exactly when every term is, unless
+    the squares overflow, which the exact (slower) check then rules out."""
+    return bool(np.isfinite(np.dot(a, a))) or bool(np.isfinite(a).all())
+
+
 def protocol_job_id(cfg: Config) -> str:
     """The same for every coordinator started with the same data schedule and model, so
     workers survive a coordinator restart."""
@@ -544,15 +532,6 @@ def _connect_endpoint(bound: str) -> str:
     return bound.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://[::]:", "tcp://[::1]:")
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalWorkers:
     """`--workers N`: worker processes on this host, stopped and reaped with the coordinator."""
 
@@ -567,8 +546,8 @@ class LocalWorkers:
             keyfiles.write_keys(server_file, keys.public, None)
             keys.allowed.add(public)
             cmd += ["--curve-secret", secret_file, "--server-key", server_file]
-        self.procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-                      for _ in range(n)]
+        env = dict(os.environ, DDP_WORKER_PARENT=str(os.getpid()))  # they exit when we are gone
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env) for _ in range(n)]
 
     def check(self, coord: Coordinator) -> None:
         """All of them gone and nobody else serving: there is no one left to wait for."""

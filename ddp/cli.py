@@ -140,7 +140,8 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         comm.agree(error)
         if cfg.backend == "zmq":
             who = (f"coordinator with {zmq_workers} local worker{'s' * (zmq_workers != 1)} "
-                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each)")
+                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each)"
+                   if zmq_workers else f"coordinator, workers join on {cfg.bind}")
         else:
             who = (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads} BLAS "
                    f"thread{'s' * (threads > 1)} each")

@@ -168,6 +168,9 @@ class WorkerService:
         self.contact = time.monotonic()   # last time the coordinator was heard (or start)
         self.last_wait_log = time.monotonic()
         self.steps = 0
+        # started by ddp-train --backend zmq: leave with the process that started us
+        parent = os.environ.get("DDP_WORKER_PARENT", "")
+        self.parent = int(parent) if parent.isdigit() else None
 
     # --- the socket -------------------------------------------------------------
 
@@ -245,6 +248,8 @@ class WorkerService:
 
     def _timers(self) -> None:
         now = time.monotonic()
+        if self.parent is not None and os.getppid() != self.parent:
+            raise Unreachable("the ddp-train process that started this worker is gone")
         if self.state == "hello":
             if now - self.last_hello > HELLO_EVERY:
                 self.last_hello = now
