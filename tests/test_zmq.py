@@ -204,3 +204,27 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_hung_worker_times_out_then_rejoins(tmp_path, procs, reference):
+    """SIGSTOP stands for a hang or a cut network: no heartbeat, no closed connection.
+    After --worker-timeout its shard is recomputed by the other worker; resumed, the
+    worker notices the silence, reconnects and joins again as a new member."""
+    ep = ipc(tmp_path)
+    out = tmp_path / "out.npz"
+    coord = procs.coordinator(ep, [*JOB, "--worker-timeout", "1", "--min-workers", "2",
+                                   "--output", str(out), "--summary-json", str(tmp_path / "s.json")])
+    a, b = procs.worker(ep), procs.worker(ep)
+    coord.wait_for(r"worker 2 joined")
+    coord.wait_for(r"^step \d+/400 ", since=coord.mark())
+    os.kill(b.pid, signal.SIGSTOP)
+    try:
+        coord.wait_for(r"worker \d+ is lost \(silent for")
+        coord.wait_for(r"waiting for 2 workers \(1 connected\)")
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    coord.wait_for(r"worker 3 joined")  # the same process, back after noticing the silence
+    assert coord.wait(120) == 0, coord.stderr
+    assert max_param_diff(reference, out) <= ATOL
+    assert read_json(tmp_path / "s.json")["workers_lost"] == 1
+    assert a.wait(30) == 0 and b.wait(30) == 0
