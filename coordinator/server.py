@@ -127,7 +127,9 @@ class Coordinator:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)     # sending to a gone peer raises at once
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.P * self.dtype.itemsize, protocol.MAX_HEADER))
+        # libzmq applies the limit to the frame as it arrives, i.e. encrypted under CURVE
+        # (a few dozen bytes longer): leave room for that
+        sock.setsockopt(zmq.MAXMSGSIZE, max(self.P * self.dtype.itemsize, protocol.MAX_HEADER) + 256)
         sock.setsockopt(zmq.RCVHWM, 100)             # a flooding peer is throttled by TCP
         if keys is not None:
             self.auth = ThreadAuthenticator(self.ctx)
@@ -571,14 +573,18 @@ class LocalWorkers:
                 p.wait()
 
 
-def serve(setup: Setup, log: Log, stop: StopRequest, spawn: int = 0,
+def preflight(cfg: Config, log: Log) -> CurveKeys | None:
+    """Check --bind and the key files before any data is loaded; the keys, if any."""
+    if cfg.bind:
+        check_bind(cfg, log)
+    return CurveKeys(cfg.curve_secret, cfg.authorized_keys) if cfg.curve_secret else None
+
+
+def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spawn: int = 0,
           worker_threads: int = 1) -> tuple[dict, np.ndarray]:
     """Run the job as the coordinator (and `spawn` local workers); (summary, parameters)."""
     cfg = setup.cfg
     dtype = np.dtype(cfg.dtype)
-    if cfg.bind:
-        check_bind(cfg, log)
-    keys = CurveKeys(cfg.curve_secret, cfg.authorized_keys) if cfg.curve_secret else None
     comm = LocalComm()
     compute = ShardCompute(setup.layout, cfg.activation, cfg.loss, dtype,
                            min(EVAL_ROWS, max(len(setup.train), 1)))

@@ -132,8 +132,12 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             worker_threads = cfg.threads or max(1, _cores() // max(zmq_workers, 1))
         else:
             threads = limit_threads(cfg.threads, comm.local_size)
-        error, setup = None, None
+        error, setup, keys = None, None, None
         try:
+            if cfg.backend == "zmq":
+                from coordinator.server import preflight
+
+                keys = preflight(cfg, log)
             setup = prepare(cfg)
         except DDPError as e:
             error = e
@@ -157,7 +161,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         if cfg.backend == "zmq":
             from coordinator.server import serve
 
-            summary, _ = serve(setup, log, stop, spawn=zmq_workers, worker_threads=worker_threads)
+            summary, _ = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads)
             summary["wall_seconds"] = time.perf_counter() - wall_start
         else:
             summary, _ = train(setup, comm, log, stop, wall_start)

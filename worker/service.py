@@ -36,6 +36,24 @@ HELLO_EVERY = 2.0       # seconds between hellos while no coordinator answers
 CHUNK_ROWS = 4096       # rows per forward/backward pass; larger shards are summed in chunks
 
 
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
+def handshake_error(event: int, endpoint: str, curve: bool, failures: int) -> str | None:
+    """The error to stop with after a failed security handshake (None: retry)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the coordinator at {endpoint} refused this worker's key: add its public key "
+                f"to the coordinator's --authorized-keys directory")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"security handshake with the coordinator at {endpoint} failed: both sides "
+                f"need CURVE keys (--curve-secret, --server-key) or neither")
+    if curve and failures >= 3:  # the server could not decrypt us: a wrong server key
+        return (f"the coordinator at {endpoint} drops the connection during the CURVE "
+                f"handshake: is --server-key the coordinator's public key (coordinator.key)?")
+    return None
+
+
 class Unreachable(DDPError):
     exit_code = EXIT_UNREACHABLE
 
@@ -186,8 +204,8 @@ class WorkerService:
         if self.keys is not None:
             public, secret, server = self.keys
             sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
-        self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self.failed_handshakes = 0
         sock.connect(self.endpoint)
         self.sock = sock
         self.state = "hello"
@@ -271,12 +289,16 @@ class WorkerService:
     def _handshake_failed(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        event = recv_monitor_message(self.monitor)
-        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            raise UsageError(f"the coordinator at {self.endpoint} refused this worker's key: add "
-                             f"its public key to the coordinator's --authorized-keys directory")
-        raise UsageError(f"security handshake with the coordinator at {self.endpoint} failed: "
-                         f"both sides need CURVE keys (--curve-secret, --server-key) or neither")
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed_handshakes = 0
+                continue
+            self.failed_handshakes += 1
+            message = handshake_error(event, self.endpoint, self.keys is not None,
+                                      self.failed_handshakes)
+            if message:
+                raise UsageError(message)
 
     def _send_results(self) -> None:
         while self.wake.poll(0):
@@ -387,16 +409,31 @@ class WorkerService:
 
 def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
     """Ask a coordinator what it is doing (`ddp-worker --status`)."""
+    try:
+        protocol.parse_endpoint(endpoint)
+    except ValueError as e:
+        raise UsageError(f"--connect {endpoint}: {e}")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if keys is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys
+    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
     try:
+        from zmq.utils.monitor import recv_monitor_message
+
         sock.connect(endpoint)
         sock.send(protocol.encode("status"))
-        if not sock.poll(int(timeout * 1000)):
-            raise Unreachable(f"no answer from a coordinator at {endpoint} within {timeout:g} s")
+        deadline, failures = time.monotonic() + timeout, 0
+        while not sock.poll(50):
+            while monitor.poll(0):
+                event = recv_monitor_message(monitor)["event"]
+                failures += event != zmq.EVENT_HANDSHAKE_SUCCEEDED
+                message = handshake_error(event, endpoint, keys is not None, failures)
+                if message:
+                    raise UsageError(message)
+            if time.monotonic() > deadline:
+                raise Unreachable(f"no answer from a coordinator at {endpoint} within {timeout:g} s")
         frames = sock.recv_multipart()
         try:
             msg = protocol.decode(frames[0], {"status_reply"}, protocol.MAX_REPLY_HEADER)
@@ -404,5 +441,7 @@ def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
             raise Unreachable(f"{endpoint} did not answer like a ddp-train coordinator ({e})")
         return msg["status"]
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close()
         ctx.term()

@@ -1,0 +1,300 @@
+"""Security and endpoint handling of the ZeroMQ backend, with real processes and sockets.
+
+- ddp-keygen: what it writes, with which modes, and that it never overwrites;
+- CURVE end to end over tcp: an authorized worker trains to the same parameters as an
+  undisturbed run, while a worker with an unknown key and a worker with no keys are
+  turned away quickly, each with one error line;
+- the bind policy (a non-loopback --bind needs CURVE or --insecure) and bad --bind,
+  key and flag combinations: exit 2, one error line, no traceback;
+- ddp-worker's own errors: a bad --connect, half a key pair, --retry-for, --status.
+
+Every wait is bounded and every process is killed at the end (see zmq_helpers.procs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+
+import pytest
+
+from conftest import BIN, PY, read_json, run, one_error_line
+from zmq_helpers import SMALL, max_param_diff, procs  # noqa: F401  (procs is a fixture)
+
+from ddp import keys as keyfiles
+
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 5
+STEPS = "30"
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def cli(script: str, *args: str) -> list[str]:
+    """The installed console script (ddp-keygen, ...), else `python -m ddp COMMAND`."""
+    path = os.path.join(BIN, script)
+    if os.access(path, os.X_OK):
+        return [path, *args]
+    return [PY, "-m", "ddp", script.removeprefix("ddp-"), *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _show(res) -> str:
+    return f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+
+
+def expect_error(res, prog: str, *fragments: str, code: int = EXIT_USAGE) -> str:
+    """The exit code, exactly one `<prog>: error` line, no traceback, and every fragment in it."""
+    line = one_error_line(res.stderr, prog)
+    assert res.returncode == code, _show(res)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in the error line:\n{line}\n\n{_show(res)}"
+    return line
+
+
+def keygen(directory, *args: str, timeout: float = 30):
+    return run(cli("ddp-keygen", str(directory), *args), timeout=timeout)
+
+
+def snapshot(directory) -> dict[str, tuple[bytes, int]]:
+    """Every file under directory: (content, mode)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = (fh.read(), stat.S_IMODE(os.stat(path).st_mode))
+    return out
+
+
+@pytest.fixture
+def keydir(tmp_path):
+    d = tmp_path / "keys"
+    res = keygen(d)
+    assert res.returncode == 0, _show(res)
+    return d
+
+
+def coordinator(*args: str, timeout: float = 60):
+    return run(cli("ddp-coordinator", *args), timeout=timeout)
+
+
+def worker(*args: str, timeout: float = 30):
+    return run(cli("ddp-worker", *args), timeout=timeout)
+
+
+# --- ddp-keygen ------------------------------------------------------------------------
+
+
+def test_keygen_writes_key_pairs_private_and_never_overwrites(tmp_path):
+    d = tmp_path / "keys"
+    res = keygen(d)
+    assert res.returncode == 0, _show(res)
+    expected = {"coordinator.key", "coordinator.key_secret", "worker.key", "worker.key_secret",
+                os.path.join("authorized", "worker.key")}
+    files = snapshot(d)
+    assert set(files) == expected, files.keys()
+    for name, (_, mode) in files.items():
+        if name.endswith(".key_secret"):
+            assert mode == 0o600, f"{name}: mode {oct(mode)}"
+    # the pairs belong together, the public files hold no secret, the two pairs differ
+    c_pub, c_sec = keyfiles.read_keys(str(d / "coordinator.key_secret"), "test")
+    w_pub, w_sec = keyfiles.read_keys(str(d / "worker.key_secret"), "test")
+    assert c_sec and w_sec and c_pub != w_pub and c_sec != w_sec
+    assert keyfiles.read_keys(str(d / "coordinator.key"), "test") == (c_pub, None)
+    assert keyfiles.read_keys(str(d / "worker.key"), "test") == (w_pub, None)
+    assert keyfiles.read_keys(str(d / "authorized" / "worker.key"), "test") == (w_pub, None)
+    assert b"secret-key" not in files["worker.key"][0] + files["coordinator.key"][0]
+
+    # again without --name: refused, nothing touched
+    res = keygen(d)
+    expect_error(res, "ddp-keygen", "exists")
+    assert snapshot(d) == files
+
+    # --name w2 adds a pair and its authorized public key; the rest stays as it was
+    res = keygen(d, "--name", "w2")
+    assert res.returncode == 0, _show(res)
+    after = snapshot(d)
+    assert set(after) == expected | {"w2.key", "w2.key_secret", os.path.join("authorized", "w2.key")}
+    assert {k: v for k, v in after.items() if k in files} == files
+    assert after["w2.key_secret"][1] == 0o600
+    w2_pub, w2_sec = keyfiles.read_keys(str(d / "w2.key_secret"), "test")
+    assert w2_sec and w2_pub not in (c_pub, w_pub)
+    assert keyfiles.read_keys(str(d / "authorized" / "w2.key"), "test") == (w2_pub, None)
+
+    # the same name twice: refused, nothing touched
+    res = keygen(d, "--name", "w2")
+    expect_error(res, "ddp-keygen", "exists")
+    assert snapshot(d) == after
+
+
+@pytest.mark.parametrize("name", ["../x", "coordinator", ""])
+def test_keygen_bad_names(tmp_path, keydir, name):
+    before = snapshot(tmp_path)
+    res = keygen(keydir, f"--name={name}")
+    expect_error(res, "ddp-keygen", "--name")
+    assert snapshot(tmp_path) == before
+
+
+# --- CURVE end to end ------------------------------------------------------------------
+
+
+def test_curve_job_turns_away_strangers_and_trains_exactly(tmp_path, procs):
+    good, other = tmp_path / "good", tmp_path / "other"
+    for d in (good, other):
+        res = keygen(d)
+        assert res.returncode == 0, _show(res)
+    ref = run([PY, "-m", "ddp", "train", *SMALL, "--steps", STEPS, "--output", str(tmp_path / "ref.npz")],
+              timeout=60)
+    assert ref.returncode == 0, _show(ref)
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord = procs.coordinator(endpoint, [
+        "--curve-secret", str(good / "coordinator.key_secret"),
+        "--authorized-keys", str(good / "authorized"), "--min-workers", "1",
+        "--output", str(tmp_path / "out.npz"), "--summary-json", str(tmp_path / "s.json"),
+        *SMALL, "--steps", STEPS])
+    coord.wait_for(r"coordinator: job \S+ on tcp://127\.0\.0\.1:\d+ \(CURVE\)", timeout=30)
+
+    # Both strangers try at once while the coordinator waits for its worker. They are
+    # started (and must be gone) before the authorized worker, so that the coordinator
+    # cannot have finished before their handshakes: the outcome does not depend on timing.
+    stranger = procs.worker(endpoint, ["--curve-secret", str(other / "worker.key_secret"),
+                                       "--server-key", str(good / "coordinator.key")])
+    keyless = procs.worker(endpoint)
+    t0 = time.monotonic()
+    assert stranger.wait(timeout=20) == EXIT_USAGE, stranger.stderr
+    assert keyless.wait(timeout=20) == EXIT_USAGE, keyless.stderr
+    assert time.monotonic() - t0 < 15
+    line = one_error_line(stranger.stderr, "ddp-worker")
+    assert "refused this worker's key" in line, line
+    line = one_error_line(keyless.stderr, "ddp-worker")
+    assert "handshake" in line and "CURVE" in line, line
+    assert coord.p.poll() is None, f"the coordinator died:\n{coord.stderr}"
+
+    member = procs.worker(endpoint, ["--curve-secret", str(good / "worker.key_secret"),
+                                     "--server-key", str(good / "coordinator.key")])
+    coord.wait_for(r"worker \d+ joined", timeout=30)
+    assert coord.wait() == 0, coord.stderr
+    assert member.wait(timeout=20) == 0, member.stderr
+    assert "Traceback" not in coord.stderr + member.stderr
+    assert max_param_diff(tmp_path / "out.npz", tmp_path / "ref.npz") <= 1e-10
+    summary = read_json(tmp_path / "s.json")
+    assert summary["refused_keys"] >= 1, summary
+    assert summary["steps"] == int(STEPS), summary
+
+
+# --- the bind policy and the coordinator's flags -----------------------------------------
+
+
+def test_public_bind_needs_curve_or_insecure():
+    port = free_port("0.0.0.0")
+    res = coordinator("--bind", f"tcp://0.0.0.0:{port}", "--steps", "1")
+    expect_error(res, "ddp-coordinator", "--curve-secret", "--insecure")
+
+
+def test_public_bind_insecure_warns_and_runs():
+    port = free_port("0.0.0.0")
+    res = coordinator("--bind", f"tcp://0.0.0.0:{port}", "--insecure", "--steps", "1",
+                      "--workers", "1", "--threads", "1")
+    assert res.returncode == 0, _show(res)
+    assert "warning" in res.stderr and "--insecure" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "done: 1 steps" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("endpoint", ["nonsense", "tcp://127.0.0.1:99999"])
+def test_bad_bind(endpoint):
+    res = coordinator("--bind", endpoint, "--steps", "1")
+    expect_error(res, "ddp-coordinator", f"--bind {endpoint}")
+
+
+def test_bind_port_in_use():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = coordinator("--bind", f"tcp://127.0.0.1:{port}", "--steps", "1")
+    expect_error(res, "ddp-coordinator", f"--bind tcp://127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize("case", ["secret only", "empty authorized dir", "public key as secret"])
+def test_bad_coordinator_keys(tmp_path, keydir, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args, fragment = {
+        "secret only": (["--curve-secret", str(keydir / "coordinator.key_secret")], "--authorized-keys"),
+        "empty authorized dir": (["--curve-secret", str(keydir / "coordinator.key_secret"),
+                                  "--authorized-keys", str(empty)], f"--authorized-keys {empty}"),
+        "public key as secret": (["--curve-secret", str(keydir / "coordinator.key"),
+                                  "--authorized-keys", str(keydir / "authorized")],
+                                 f"--curve-secret {keydir / 'coordinator.key'}"),
+    }[case]
+    res = coordinator("--bind", f"tcp://127.0.0.1:{free_port()}", "--steps", "1", *args)
+    expect_error(res, "ddp-coordinator", fragment)
+
+
+def test_train_workers_needs_zmq_backend():
+    res = run(cli("ddp-train", "--workers", "2", "--steps", "1"), timeout=60)
+    expect_error(res, "ddp-train", "--backend zmq")
+
+
+def test_coordinator_needs_bind():
+    res = coordinator("--steps", "1")
+    expect_error(res, "ddp-coordinator", "--bind")
+
+
+# --- ddp-worker ----------------------------------------------------------------------------
+
+
+def test_worker_bad_connect():
+    res = worker("--connect", "garbage", "--retry-for", "1")
+    expect_error(res, "ddp-worker", "--connect garbage")
+
+
+def test_worker_status_bad_connect():
+    res = worker("--connect", "garbage", "--status")
+    expect_error(res, "ddp-worker", "--connect garbage")
+
+
+def test_worker_half_a_key_pair(keydir):
+    res = worker("--connect", f"tcp://127.0.0.1:{free_port()}", "--retry-for", "1",
+                 "--curve-secret", str(keydir / "worker.key_secret"))
+    expect_error(res, "ddp-worker", "--server-key")
+
+
+def test_worker_nobody_listening(procs):
+    """--retry-for 1 gives up (exit 5) within seconds; --status gives up after its 5 s."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    joiner = procs.start(cli("ddp-worker", "--connect", endpoint, "--retry-for", "1", "--threads", "1"))
+    status = procs.start(cli("ddp-worker", "--connect", endpoint, "--status"))
+    assert joiner.wait(timeout=20) == EXIT_UNREACHABLE, joiner.stderr
+    assert time.monotonic() - t0 < 10, joiner.stderr
+    line = one_error_line(joiner.stderr, "ddp-worker")
+    assert "--retry-for 1" in line, line
+    assert status.wait(timeout=30) == EXIT_UNREACHABLE, status.stderr
+    line = one_error_line(status.stderr, "ddp-worker")
+    assert endpoint in line, line
+    assert status.stdout == ""
+
+
+def test_worker_status_of_a_waiting_coordinator(procs):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord = procs.coordinator(endpoint, ["--min-workers", "2", "--steps", "1"])
+    coord.wait_for(r"waiting for 2 workers", timeout=30)
+    res = worker("--connect", endpoint, "--status")
+    assert res.returncode == 0, _show(res)
+    assert "Traceback" not in res.stderr
+    state = json.loads(res.stdout)
+    assert state["state"] == "waiting", state
+    assert state["min_workers"] == 2 and state["workers"] == [] and state["step"] == 0, state
+    assert coord.p.poll() is None, coord.stderr
