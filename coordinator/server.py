@@ -386,16 +386,20 @@ class Coordinator:
 
     # --- steps ----------------------------------------------------------------------
 
+    def _waiting(self, message: str) -> None:
+        """State "waiting" (for --status); the message in the log every 10 s at most."""
+        self.state = "waiting"
+        now = time.monotonic()
+        if now - self._last_wait_log > 10:
+            self._last_wait_log = now
+            self.log.info(message)
+
     def _wait_for_workers(self, need: int | None = None) -> bool:
         """Block until `need` (--min-workers) members are present; False on a stop request."""
         need = need or self.cfg.min_workers
         while len(self.members) < need:
-            self.state = "waiting"
-            now = time.monotonic()
-            if now - self._last_wait_log > 10:
-                self._last_wait_log = now
-                self.log.info(f"waiting for {need} worker{'s' * (need > 1)} ({len(self.members)} "
-                              f"connected) on {self.endpoint}")
+            self._waiting(f"waiting for {need} worker{'s' * (need > 1)} ({len(self.members)} "
+                          f"connected) on {self.endpoint}")
             if self.stop.signum:
                 return False
             self.poll(self.heartbeat)
@@ -434,12 +438,8 @@ class Coordinator:
             if self.stop.signum:
                 return None
             if not self.members:
-                self.state = "waiting"
-                now = time.monotonic()
-                if now - self._last_wait_log > 10:
-                    self._last_wait_log = now
-                    self.log.info(f"step {step + 1}: no workers left; waiting for one to join "
-                                  f"on {self.endpoint}")
+                self._waiting(f"step {step + 1}: no workers left; waiting for one to join "
+                              f"on {self.endpoint}")
             self.poll(self.heartbeat)
         self.state = "training"
         self.steps_done += 1

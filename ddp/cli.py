@@ -301,15 +301,22 @@ def run_predict(argv: list[str] | None = None) -> int:
                 raise OutputError(f"cannot write {out}: {e.strerror or e}")
             print(f"predictions for {len(X)} samples written to {out}", flush=True)
         return EXIT_OK
-    except SystemExit as e:
+    except BaseException as e:
+        return _exit_code(prog, e)
+
+
+def _exit_code(prog: str, e: BaseException) -> int:
+    """The exit code of a one-process command that ended with `e` (printed if an error)."""
+    if isinstance(e, SystemExit):  # --help, --version
         return int(e.code or 0)
-    except DDPError as e:
+    if isinstance(e, DDPError):
         _print_error(prog, e)
         return e.exit_code
-    except Exception:
-        traceback.print_exc()
-        _print_error(prog, "internal error (the traceback above is a bug report)")
-        return EXIT_INTERNAL
+    if not isinstance(e, Exception):
+        raise e
+    traceback.print_exception(e)
+    _print_error(prog, "internal error (the traceback above is a bug report)")
+    return EXIT_INTERNAL
 
 
 def predict_main() -> None:
@@ -380,17 +387,10 @@ def run_worker(argv: list[str] | None = None) -> int:
         stop.install()
         log = Log(0, prog, quiet=args.quiet)
         return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
-    except SystemExit as e:
-        return int(e.code or 0)
     except KeyboardInterrupt:
         return EXIT_SIGNAL_BASE + 2
-    except DDPError as e:
-        _print_error(prog, e)
-        return e.exit_code
-    except Exception:
-        traceback.print_exc()
-        _print_error(prog, "internal error (the traceback above is a bug report)")
-        return EXIT_INTERNAL
+    except BaseException as e:
+        return _exit_code(prog, e)
     finally:
         stop.restore()
 
@@ -466,11 +466,8 @@ def run_keygen(argv: list[str] | None = None) -> int:
         for path in written:
             print(f"wrote {path}")
         return EXIT_OK
-    except SystemExit as e:
-        return int(e.code or 0)
-    except DDPError as e:
-        _print_error(prog, e)
-        return e.exit_code
+    except BaseException as e:
+        return _exit_code(prog, e)
 
 
 def keygen_main() -> None:
