@@ -252,7 +252,7 @@ class Coordinator:
         under a new task id, so a late answer to the old one is recognised as stale."""
         old = self.tasks.pop(task.id)
         member = self.members.get(old.peer) if old.peer is not None else None
-        if member is not None:
+        if member is not None and old.id in member.tasks:  # still outstanding there
             member.tasks.discard(old.id)
             member.rows -= old.hi - old.lo
         new = Task(next(self.task_ids), old.lo, old.hi, diverged=old.diverged)
@@ -263,12 +263,28 @@ class Coordinator:
 
     # --- receiving ------------------------------------------------------------------
 
-    def _handle(self, frames: list) -> None:
-        peer = frames[0].bytes
+    def _receive(self) -> tuple[list, int] | None:
+        """One message as [routing id, header, array frame?] and the number of frames
+        beyond those (read and thrown away one by one, never held); None if none waits."""
+        try:
+            frames = [self.sock.recv(flags=zmq.NOBLOCK)]
+        except zmq.Again:
+            return None
+        extra = 0
+        while self.sock.rcvmore:
+            if len(frames) < 3:
+                frames.append(self.sock.recv(copy=False))
+            else:
+                self.sock.recv()
+                extra += 1
+        return frames, extra
+
+    def _handle(self, frames: list, extra: int = 0) -> None:
+        peer = frames[0]
         if peer in self.banned:
             self.dropped["ignored peer"] += 1
             return
-        if not 2 <= len(frames) <= 3:
+        if extra or len(frames) < 2:
             return self._strike(peer, "malformed")
         try:
             msg = protocol.decode(frames[1].bytes, protocol.FROM_WORKER)
@@ -375,11 +391,10 @@ class Coordinator:
             self.probe_until = time.monotonic() + 1.0
         if self.sock in events:
             for _ in range(1000):  # then look at the clock again
-                try:
-                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                message = self._receive()
+                if message is None:
                     break
-                self._handle(frames)
+                self._handle(*message)
         self._check_peers(time.monotonic())
         if self.watchdog is not None:
             self.watchdog()

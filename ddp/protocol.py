@@ -105,7 +105,7 @@ def decode(frame: bytes, allowed: set[str], max_size: int = MAX_HEADER) -> dict:
         raise ProtocolError(f"header is not JSON ({str(e)[:60]})")
     if not isinstance(msg, dict):
         raise ProtocolError("header is not a JSON object")
-    if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
+    if type(msg.get("v")) is not int or msg["v"] != VERSION:  # not 1.0, not true
         raise ProtocolError(f"protocol version {str(msg.get('v'))[:20]!r}, expected {VERSION}")
     type_ = msg.get("type")
     if not isinstance(type_, str) or type_ not in allowed:
@@ -133,7 +133,9 @@ def array_from_frame(buf, dtype, count: int) -> np.ndarray:
     if nbytes != count * dt.itemsize:
         raise ProtocolError(f"array frame of {nbytes} bytes, expected {count * dt.itemsize} "
                             f"({count} × {dt.name})")
-    return np.frombuffer(buf, dtype=dt, count=count)
+    array = np.frombuffer(buf, dtype=dt, count=count)
+    array.flags.writeable = False  # even when the frame's memory is writable
+    return array
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
