@@ -384,6 +384,8 @@ class Coordinator:
 
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` s for messages; handle them and any peer that timed out."""
+        if time.monotonic() < self.probe_until:  # a connection closed: look again soon
+            timeout = min(timeout, 0.05)
         events = dict(self.poller.poll(max(0, int(timeout * 1000))))
         if self.monitor in events:
             while self.monitor.poll(0):
