@@ -509,11 +509,19 @@ class Coordinator:
         }
 
     def stop_workers(self, reason: str) -> None:
+        told = 0
         for peer in list(self.members) + list(self.pending):
-            self._reply(peer, "stop", reason=reason)
+            told += self._send(peer, protocol.encode("stop", reason=reason))
         self.members.clear()
         self.pending.clear()
-        self.sock.setsockopt(zmq.LINGER, 1000)  # closing waits up to 1 s for them to go out
+        # A worker drops what it has not read yet when the connection closes (it sets
+        # ZMQ_IMMEDIATE), so stay until they hang up, for a second at most.
+        deadline = time.monotonic() + 1.0
+        while told and self.monitor is not None and time.monotonic() < deadline:
+            if self.monitor.poll(50):
+                self.monitor.recv_multipart()
+                told -= 1
+        self.sock.setsockopt(zmq.LINGER, 1000)
 
     def close(self) -> None:
         if getattr(self, "monitor", None) is not None:

@@ -164,7 +164,7 @@ def test_worker_with_different_data_is_refused(tmp_path, procs):
     assert "data differs from the coordinator's" in line
     good = procs.worker(ep, cwd=mine)
     assert coord.wait(60) == 0, coord.stderr
-    assert good.wait(30) == 0
+    assert good.wait(30, context=coord.stderr) == 0
 
 
 def test_embedded_ctrl_c_cleans_up_and_resumes(tmp_path, procs, reference):

@@ -8,21 +8,19 @@ single-process run, count what it dropped, and keep its memory bounded.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import threading
 import time
 
 import numpy as np
-import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from conftest import read_json, train
 from ddp import protocol
 from ddp.model import Layout
-from zmq_helpers import SMALL, ipc, max_param_diff, procs  # noqa: F401  (procs: the fixture)
+from zmq_helpers import SMALL, ipc, max_param_diff, procs  # noqa: F401, F811 (a fixture)
 
 STEPS = 1000
 ARGS = [*SMALL, "--steps", str(STEPS), "--log-every", "1"]
@@ -31,6 +29,7 @@ P = Layout(tuple(int(n) for n in SMALL[SMALL.index("--layers") + 1].split(",")),
 MAXMSG = P * 8          # bytes of a parameter-sized float64 array: the largest valid frame
 ABOVE_LIMIT = MAXMSG + 65536  # above the coordinator's MAXMSGSIZE (the largest valid frame plus
                               # some slack for the CURVE overhead): libzmq drops the connection
+BATCH = int(SMALL[SMALL.index("--batch-size") + 1])
 RSS_BOUND_MB = 64
 BRAKE_STEPS = 300       # the member holds its tasks this close to the end until fuzzing is over
 OTHER_JOB = "f" * 16
@@ -170,8 +169,9 @@ def with_nan(rng: random.Random, kind: str = "nan") -> bytes:
 
 
 class Junk:
-    """Messages that a coordinator must drop; each comes with (counted, strike): whether the
-    coordinator counts it in `dropped` and whether it is a strike against the peer."""
+    """Messages that a coordinator must drop and count in `dropped`: strike() ones are
+    malformed (a strike against the peer), no_strike() ones are well formed but for another
+    job or from a peer that is not a member."""
 
     def __init__(self, rng: random.Random, job: str):
         self.rng, self.job = rng, job
@@ -195,7 +195,8 @@ class Junk:
         r = self.rng
         kind = r.randrange(12)
         if kind == 0:  # random bytes, one to three frames
-            return [r.randbytes(r.choice([0, 1, 7, 100, 1000, 4096, 5000])) for _ in range(r.randint(1, 3))]
+            sizes = [0, 1, 7, 100, 1000, 4096, 5000]
+            return [r.randbytes(r.choice(sizes)) for _ in range(r.randint(1, 3))]
         if kind == 1:  # a truncated valid header (with its array frame if it has one)
             type_, fields = self.valid_header()
             raw = protocol.encode(type_, **fields)
@@ -251,7 +252,7 @@ class Junk:
         if kind == 9:  # too many frames
             head = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1)
             return [head] + [r.randbytes(r.randrange(64)) for _ in range(r.randint(3, 40))]
-        if kind == 10:  # an oversized header that still fits MAXMSGSIZE (exactly at it too)
+        if kind == 10:  # a header above MAX_HEADER, up to the size of a valid array frame
             size = r.choice([protocol.MAX_HEADER + 1, 20_000, MAXMSG])
             raw = protocol.encode("heartbeat", job=self.job)
             return [raw[:-1] + b" " * (size - len(raw)) + b"}"]
@@ -413,6 +414,9 @@ class Member:
     strikes it collected, so it knows when the coordinator must have banned it."""
 
     QUOTA = 150  # tasks
+    # how a membership ends, in turn: banned after 20 strikes, bye, hello again (and more
+    # garbage), vanishing with a task, a result frame above MAXMSGSIZE
+    ENDINGS = ["ban", "bye", "rehello", "vanish", "ban", "oversize"]
 
     def __init__(self, sockets: Sockets, stats: Stats, seed: int, others_done: threading.Event,
                  stop: threading.Event, release: threading.Event, deadline: float):
@@ -479,7 +483,7 @@ class Member:
             return None
         msg, frames = got
         assert len(frames[1]) == MAXMSG, "task parameters of the wrong size"
-        assert 0 <= msg["lo"] < msg["hi"] <= 64, msg
+        assert 0 <= msg["lo"] < msg["hi"] <= BATCH, msg
         self.tasks += 1
         if self.tasks >= self.QUOTA:
             self.done.set()
@@ -499,9 +503,7 @@ class Member:
                 return self.sync(s)
             self.handshake(s)
             self.admitted += 1
-            # how this membership ends: banned after 20 strikes, bye, hello again (and more
-            # garbage), vanishing with a task, or a result frame above MAXMSGSIZE
-            ending = r.choice(["ban", "ban", "bye", "rehello", "vanish", "oversize"])
+            ending = self.ENDINGS[(self.admitted - 1) % len(self.ENDINGS)]
             limit = 20 if ending == "ban" else r.randint(3, 12)
             self.endings.append(ending)
             while True:
@@ -723,13 +725,7 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
         # all that was sent was handled: the counts reach what had to be dropped
         until = time.monotonic() + 20
         while True:
-            try:
-                status = status_of(pools[5])
-            except AssertionError:
-                import subprocess
-                dbg = subprocess.run(["gdb", "-p", str(coord.pid), "-batch", "-ex", "thread apply all bt"], capture_output=True, text=True).stdout
-                open("/tmp/dbg.txt", "w").write(dbg + "\n=====\n" + "\n".join(coord.lines[-80:]) + "\n" + open(f"/proc/{coord.pid}/status").read())
-                raise
+            status = status_of(pools[5])
             if _drops(status["dropped"]) >= stats.counted or time.monotonic() > until:
                 break
             time.sleep(0.05)
@@ -756,16 +752,14 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
         ctx.destroy(linger=0)
 
     assert coord.wait(timeout=60) == 0, coord.stderr[-5000:]
-    for w in workers:  # told to stop when the job finished
-        try:
-            w.p.wait(30)
-        except Exception:
-            open("/tmp/fail_coord.txt", "w").write(coord.stderr + "\n====STDOUT\n" + coord.stdout)
-            open("/tmp/fail_workers.txt", "w").write("\n=====\n".join(x.stderr for x in workers))
-            pytest.fail(f"worker still running 30 s after the coordinator exited:\n{w.stderr}\n"
-                        f"coordinator:\n{coord.stderr[-5000:]}")
-        assert w.wait(timeout=5) == 0, w.stderr
-        assert "invalid message from the coordinator" not in w.stderr
+    for w in workers:
+        # told to stop when the job finished, unless the "stop" was lost on the way (a known
+        # bug, see test_every_worker_hears_stop): then it goes on waiting for a coordinator
+        if w.wait_for(r"^stopping: training finished|^coordinator silent for", timeout=30)\
+                .group(0).startswith("stopping"):
+            assert w.wait(timeout=10) == 0, w.stderr
+        assert "invalid message from the coordinator" not in w.stderr, w.stderr
+        assert "Traceback" not in w.stderr, w.stderr
 
     # the result is that of the undisturbed run
     diff = max_param_diff(ref, out)
@@ -802,7 +796,7 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
     assert peak - baseline < RSS_BOUND_MB, (baseline, peak)
 
 
-# --- known bugs, each reproduced on its own -------------------------------------------------
+# --- bugs the fuzzing found, each reproduced on its own ------------------------------------
 
 
 def join_as_member(s) -> str:
@@ -819,6 +813,9 @@ def join_as_member(s) -> str:
 
 
 def test_outstanding_rows_after_a_non_finite_result(procs, tmp_path):
+    """A result with NaN gradients is accepted, then refused at the sum and handed back:
+    its rows were once subtracted twice from the member's outstanding rows (negative in
+    the status, and the misbehaving member then looked the least busy)."""
     endpoint = ipc(tmp_path)
     coord = procs.coordinator(endpoint, [*SMALL, "--steps", "300", "--min-workers", "2",
                                          "--log-every", "1"])
@@ -852,6 +849,9 @@ def test_outstanding_rows_after_a_non_finite_result(procs, tmp_path):
 
 
 def test_a_message_of_many_empty_frames_keeps_memory_bounded(procs, tmp_path):
+    """MAXMSGSIZE bounds frames, not their number: 400,000 empty frames (0.8 MB on the wire)
+    once became 400,000 zmq.Frame objects in recv_multipart (about +100 MB). libzmq itself
+    still holds a whole message before handing it over (about 64 bytes per frame)."""
     endpoint = ipc(tmp_path)
     coord = procs.coordinator(endpoint, [*SMALL, "--steps", "10"])
     coord.wait_for("waiting for 1 worker", timeout=30)
@@ -876,3 +876,26 @@ def test_a_message_of_many_empty_frames_keeps_memory_bounded(procs, tmp_path):
     finally:
         sockets.close_all()
         ctx.destroy(linger=0)
+
+
+def test_every_worker_hears_stop(procs, tmp_path):
+    """When training ends, every worker is told so and exits 0. A small model (the default
+    one): the coordinator then exits very soon after sending "stop", which is what loses it."""
+    endpoint = ipc(tmp_path)
+    missed = []
+    for run in range(6):
+        coord = procs.coordinator(endpoint, ["--steps", "20", "--min-workers", "4",
+                                             "--worker-timeout", "1"])
+        workers = [procs.worker(endpoint) for _ in range(4)]
+        assert coord.wait(timeout=60) == 0, coord.stderr
+        for w in workers:
+            line = w.wait_for(r"^stopping: training finished|^coordinator silent for", timeout=20)
+            if line.group(0).startswith("stopping"):
+                assert w.wait(timeout=10) == 0, w.stderr
+            else:
+                missed.append(w.stderr)
+                w.kill()
+        if missed:
+            break
+    assert not missed, (f"{len(missed)} worker(s) never got 'stop' (run {run + 1}):\n"
+                        + "\n---\n".join(missed))

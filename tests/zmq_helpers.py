@@ -75,12 +75,14 @@ class Proc:
         pytest.fail(f"no line matching {pattern!r} within {timeout}s from {' '.join(self.cmd)}:\n"
                     f"{self.stderr}")
 
-    def wait(self, timeout: float = 120) -> int:
+    def wait(self, timeout: float = 120, context: str = "") -> int:
+        """The exit code; on timeout kill it and fail, showing its stderr (and `context`)."""
         try:
             code = self.p.wait(timeout)
         except subprocess.TimeoutExpired:
             kill_tree(self.p)
-            pytest.fail(f"timed out after {timeout}s: {' '.join(self.cmd)}\n{self.stderr}")
+            pytest.fail(f"timed out after {timeout}s: {' '.join(self.cmd)}\n{self.stderr}"
+                        + (f"\n--- context:\n{context}" if context else ""))
         for t in self._threads:
             t.join(5)
         return code

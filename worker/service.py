@@ -235,14 +235,13 @@ class WorkerService:
         self._connect()
         self.log.info(f"ddp-worker: connecting to {self.endpoint}"
                       f"{' (CURVE)' if self.keys else ''}")
-        poller = zmq.Poller()
-        poller.register(self.wake, zmq.POLLIN)
         try:
             while True:
                 if self.stop.signum:
                     return self._leave()
-                poller.register(self.sock, zmq.POLLIN)
-                poller.register(self.monitor, zmq.POLLIN)
+                poller = zmq.Poller()  # anew: a reconnect replaces the socket
+                for sock in (self.wake, self.sock, self.monitor):
+                    poller.register(sock, zmq.POLLIN)
                 events = dict(poller.poll(int(min(self.heartbeat, 0.5) * 1000)))
                 if self.wake in events:
                     self._send_results()
