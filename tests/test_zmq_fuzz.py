@@ -677,8 +677,10 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
     assert r.returncode == 0, r.stderr
 
     endpoint = ipc(tmp_path)
+    # a generous --worker-timeout: on a loaded machine a starved real worker is not "lost"
     coord = procs.coordinator(endpoint, [*ARGS, "--min-workers", "2", "--output", str(out),
-                                         "--summary-json", str(summary)], cwd=str(tmp_path))
+                                         "--summary-json", str(summary), "--worker-timeout", "10"],
+                              cwd=str(tmp_path))
     job = coord.wait_for(r"coordinator: job ([0-9a-f]+) on ", timeout=30).group(1)
     workers = [procs.worker(endpoint) for _ in range(2)]
     coord.wait_for(r"joined \(2 workers\)", timeout=30)
@@ -752,12 +754,8 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
         ctx.destroy(linger=0)
 
     assert coord.wait(timeout=60) == 0, coord.stderr[-5000:]
-    for w in workers:
-        # told to stop when the job finished, unless the "stop" was lost on the way (a known
-        # bug, see test_every_worker_hears_stop): then it goes on waiting for a coordinator
-        if w.wait_for(r"^stopping: training finished|^coordinator silent for", timeout=30)\
-                .group(0).startswith("stopping"):
-            assert w.wait(timeout=10) == 0, w.stderr
+    for w in workers:  # told to stop when the job finished
+        assert w.wait(timeout=30) == 0, w.stderr
         assert "invalid message from the coordinator" not in w.stderr, w.stderr
         assert "Traceback" not in w.stderr, w.stderr
 
