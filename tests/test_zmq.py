@@ -65,7 +65,8 @@ def test_worker_killed_at_a_random_step(tmp_path, procs, reference):
     assert max_param_diff(reference, out) <= ATOL
     s = read_json(tmp_path / "s.json")
     assert s["workers_lost"] == 1 and s["world_size"] == 2
-    assert "go to other workers" in lost.string or s["recovery_seconds"] == []
+    recoveries = s["recovery_seconds"]  # one if the worker died holding rows of a step
+    assert len(recoveries) == ("go to other workers" in lost.string)
     for w in workers:
         if w is not victim:
             assert w.wait(30) == 0, w.stderr  # told to stop when the job finished
