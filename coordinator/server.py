@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -40,14 +41,16 @@ from zmq.auth.thread import ThreadAuthenticator
 from ddp import data as ddata
 from ddp import keys as keyfiles
 from ddp import protocol
-from ddp.config import TRAJECTORY_KEYS, Config, job_config
+from ddp.config import Config, job_config
 from ddp.errors import DDPError, DivergedError, UsageError
 from ddp.log import Log
 from ddp.protocol import ProtocolError
 from worker.compute import ShardCompute
 
 from .mpi import LocalComm
-from .trainer import Evaluator, Run, Setup, StopRequest
+from ddp.setup import Setup
+
+from .trainer import Evaluator, Run, StopRequest
 
 STRIKES_BEFORE_BAN = 20     # invalid messages after which a peer is ignored
 MAX_TRACKED_PEERS = 4096    # bound on per-peer bookkeeping of unknown peers
@@ -116,7 +119,7 @@ class Coordinator:
         self.dtype = protocol.wire_dtype(cfg.dtype)
         self.job_id = protocol_job_id(cfg)
         self.job = job_config(cfg)
-        self.fingerprint = ddata.fingerprint(setup.train, setup.mean, setup.std)
+        self.fingerprint = setup.fingerprint()
         self.timeout = cfg.worker_timeout
         self.heartbeat = max(0.05, self.timeout / 6)
         self.keys = keys
@@ -367,20 +370,18 @@ class Coordinator:
         member.rows -= n
 
     def _check_peers(self, now: float) -> None:
+        # after a connection closed, find out whose by sending to each (ROUTER_MANDATORY)
+        probing = now < self.probe_until and now - self.last_probe > 0.05
+        if probing:
+            self.last_probe = now
         for member in list(self.members.values()):
+            if member.peer not in self.members:  # dropped meanwhile (a reassignment failed)
+                continue
             if now - member.last_heard > self.timeout:
                 self._drop_member(member, f"is lost (silent for {now - member.last_heard:.1f} s)", lost=True)
-            elif now - member.last_sent > self.heartbeat:
+            elif probing or now - member.last_sent > self.heartbeat:
                 if not self._send(member.peer, protocol.encode("heartbeat", job=self.job_id)):
-                    if member.peer in self.members:
-                        self._drop_member(member, "is lost (connection closed)", lost=True)
-        if now < self.probe_until and now - self.last_probe > 0.05:
-            # a connection closed: find out whose by sending to each (ROUTER_MANDATORY)
-            self.last_probe = now
-            for member in list(self.members.values()):
-                if not self._send(member.peer, protocol.encode("heartbeat", job=self.job_id)):
-                    if member.peer in self.members:
-                        self._drop_member(member, "is lost (connection closed)", lost=True)
+                    self._drop_member(member, "is lost (connection closed)", lost=True)
 
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` s for messages; handle them and any peer that timed out."""
@@ -546,8 +547,7 @@ def _all_finite(a: np.ndarray) -> bool:
 def protocol_job_id(cfg: Config) -> str:
     """The same for every coordinator started with the same data schedule and model, so
     workers survive a coordinator restart."""
-    d = cfg.to_dict()
-    text = repr(sorted((k, d[k]) for k in TRAJECTORY_KEYS))
+    text = json.dumps(job_config(cfg), sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 

@@ -17,7 +17,6 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,47 +25,15 @@ from ddp import data as ddata
 from ddp.config import TRAJECTORY_KEYS, Config
 from ddp.errors import DDPError, DivergedError, UsageError
 from ddp.log import Log
-from ddp.model import Layout, init_params_
+from ddp.model import init_params_
 from ddp.optim import SGD
+from ddp.setup import Setup
 from ddp.signals import StopRequest  # noqa: F401 (part of this module's interface)
 from worker.compute import ShardCompute
 
 # Slots after the gradients in the buffer that is allreduced each step.
 LOSS, COUNT, CORRECT, STOP = range(4)
 N_STATS = 4
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, identical on every rank."""
-
-    cfg: Config
-    layout: Layout
-    train: ddata.Dataset
-    val: ddata.Dataset | None
-    schedule: ddata.Schedule
-    mean: np.ndarray | None
-    std: np.ndarray | None
-
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.steps or self.cfg.epochs * self.schedule.steps_per_epoch
-
-
-def prepare(cfg: Config) -> Setup:
-    """Load and validate the data; resolve the layers. Raises DDPError on bad input."""
-    data, layers = ddata.load(cfg.data, cfg)
-    cfg = replace(cfg, layers=layers)
-    val = None
-    if cfg.val_fraction > 0:
-        data, val = ddata.split(data, cfg.val_fraction, cfg.seed)
-    elif cfg.val_data:
-        val, _ = ddata.load(cfg.val_data, cfg, flag="--val-data")
-    mean = std = None
-    if cfg.standardize:
-        mean, std = ddata.standardization(data)
-    schedule = ddata.Schedule(len(data), cfg.batch_size, cfg.seed, cfg.shuffle)
-    return Setup(cfg, Layout(layers, cfg.bias), data, val, schedule, mean, std)
 
 
 def model_config(setup: Setup) -> dict:

@@ -89,7 +89,9 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     (a world of one without mpirun); --backend zmq uses no MPI at all."""
     wall_start = time.perf_counter()
     from coordinator.mpi import LocalComm, launched_rank, launched_size, make_comm
-    from coordinator.trainer import StopRequest, prepare, summary_text, train
+    from coordinator.trainer import StopRequest, summary_text, train
+
+    from .setup import prepare
 
     serving = prog == "ddp-coordinator"
     speaks = launched_rank() == 0 if comm is None else comm.rank == 0

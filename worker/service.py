@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 import zmq
@@ -24,9 +23,9 @@ from ddp import data as ddata
 from ddp import protocol
 from ddp import keys as keyfiles
 from ddp.config import config_from_job
+from ddp.setup import prepare
 from ddp.errors import DDPError, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_UNREACHABLE, UsageError
 from ddp.log import Log
-from ddp.model import Layout
 from ddp.protocol import ProtocolError
 from ddp.signals import StopRequest
 
@@ -62,23 +61,17 @@ class Job:
     """The data and model of one job, loaded once; kept across reconnects."""
 
     def __init__(self, description: dict):
-        cfg = config_from_job(description)
-        data, layers = ddata.load(cfg.data, cfg)
-        cfg = replace(cfg, layers=layers)
-        if cfg.val_fraction > 0:
-            data, _ = ddata.split(data, cfg.val_fraction, cfg.seed)
-        mean = std = None
-        if cfg.standardize:
-            mean, std = ddata.standardization(data)
-        self.description, self.cfg = description, cfg
-        self.layout = Layout(layers, cfg.bias)
-        self.dtype = np.dtype(cfg.dtype)
-        self.schedule = ddata.Schedule(len(data), cfg.batch_size, cfg.seed, cfg.shuffle)
-        self.max_rows = max(1, min(cfg.batch_size, len(data), CHUNK_ROWS))
-        self.reader = ddata.BatchReader(data, self.schedule, self.max_rows, self.dtype, mean, std)
-        self.compute = ShardCompute(self.layout, cfg.activation, cfg.loss, self.dtype, self.max_rows)
-        self.fingerprint = ddata.fingerprint(data, mean, std)
-        self.n_samples = len(data)
+        setup = prepare(config_from_job(description))
+        self.description, self.cfg, self.layout = description, setup.cfg, setup.layout
+        self.dtype = np.dtype(setup.cfg.dtype)
+        self.schedule = setup.schedule
+        self.n_samples = len(setup.train)
+        self.max_rows = max(1, min(setup.cfg.batch_size, self.n_samples, CHUNK_ROWS))
+        self.reader = ddata.BatchReader(setup.train, self.schedule, self.max_rows, self.dtype,
+                                        setup.mean, setup.std)
+        self.compute = ShardCompute(self.layout, setup.cfg.activation, setup.cfg.loss, self.dtype,
+                                    self.max_rows)
+        self.fingerprint = setup.fingerprint()
 
 
 class GradBuffers:

@@ -1,0 +1,48 @@
+"""A run's data and model, loaded and validated once: the same on every rank, on the
+ZeroMQ coordinator and on each of its workers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import data as ddata
+from .config import Config
+from .model import Layout
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, identical on every rank."""
+
+    cfg: Config
+    layout: Layout
+    train: ddata.Dataset
+    val: ddata.Dataset | None
+    schedule: ddata.Schedule
+    mean: np.ndarray | None
+    std: np.ndarray | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps or self.cfg.epochs * self.schedule.steps_per_epoch
+
+    def fingerprint(self) -> str:
+        """What a ZeroMQ worker's data must match: see data.fingerprint."""
+        return ddata.fingerprint(self.train, self.mean, self.std)
+
+
+def prepare(cfg: Config) -> Setup:
+    """Load and validate the data; resolve the layers. Raises DDPError on bad input."""
+    data, layers = ddata.load(cfg.data, cfg)
+    cfg = replace(cfg, layers=layers)
+    val = None
+    if cfg.val_fraction > 0:
+        data, val = ddata.split(data, cfg.val_fraction, cfg.seed)
+    elif cfg.val_data:
+        val, _ = ddata.load(cfg.val_data, cfg, flag="--val-data")
+    mean = std = None
+    if cfg.standardize:
+        mean, std = ddata.standardization(data)
+    schedule = ddata.Schedule(len(data), cfg.batch_size, cfg.seed, cfg.shuffle)
+    return Setup(cfg, Layout(layers, cfg.bias), data, val, schedule, mean, std)
