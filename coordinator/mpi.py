@@ -7,12 +7,14 @@ the training loop never knows which one summed the gradients:
     allreduce_(buf, op)            in-place sum (or max) over ranks (buffer API, no pickling)
     bcast_(buf, root)              in-place broadcast from root
     agree(error) -> None           collective: raise everywhere if any rank failed
+    rank_reports(on_report, step)  each rank's progress at rank 0, off the step's path
     abort(code)                    end every rank now
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -60,6 +62,9 @@ class LocalComm:
     def barrier(self) -> None:
         pass
 
+    def rank_reports(self, on_report, start_step: int) -> "Reports":
+        return Reports(on_report, start_step)
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -101,10 +106,109 @@ class MPIComm:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def rank_reports(self, on_report, start_step: int) -> Reports:
+        return RankReports(self, on_report, start_step) if self.world_size > 1 else \
+            Reports(on_report, start_step)
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+class Reports:
+    """Each rank's progress, off the step's path: the training loop only stores its
+    step and compute seconds in `progress`; a thread passes them on twice a second.
+    This one is a world of one: rank 0 reports to itself."""
+
+    EVERY = 0.5  # seconds
+
+    def __init__(self, on_report, start_step: int, rank: int = 0):
+        self.rank = rank
+        self.on_report = on_report
+        self.progress = [start_step, 0.0]  # written by the training loop: step reached, compute s
+        self.last = (start_step, 0.0)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ddp-rank-reports", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.EVERY):
+            self._report(0, *self._mine())
+
+    def close(self, clean: bool = True) -> None:
+        self.stopping.set()
+        self.thread.join()
+        if clean:
+            self._report(0, *self._mine())
+
+    def _mine(self) -> tuple[int, float]:
+        """(step, mean compute seconds per step since the last report, NaN if none)."""
+        step, t = self.progress
+        mean = (t - self.last[1]) / (step - self.last[0]) if step > self.last[0] else float("nan")
+        if step > self.last[0]:
+            self.last = (step, t)
+        return step, mean
+
+    def _report(self, rank: int, step: int, mean: float) -> None:
+        self.on_report(f"rank-{rank}", step, mean if mean == mean else None)
+
+
+class RankReports(Reports):
+    """Reports of every rank at rank 0: a thread on each rank sends [step, compute
+    seconds] with a non-blocking send on a communicator of its own, and rank 0's
+    thread passes them on. Ranks waiting in an Allreduce keep reporting, so a rank
+    that hangs is named: its step falls behind, or its reports stop. `close()` is
+    collective: every report is received before the communicator goes.
+    """
+
+    REPORT, DONE = 1, 2
+
+    def __init__(self, comm: "MPIComm", on_report, start_step: int):
+        self.MPI = comm.MPI
+        self.comm = comm.comm.Dup()
+        self.size = comm.world_size
+        self.buf = np.zeros(2)
+        self.req = self.MPI.REQUEST_NULL
+        super().__init__(on_report, start_step, comm.rank)
+
+    def _receive(self, status, tag: int) -> int:
+        msg = np.empty(2)
+        self.comm.Recv(msg, source=self.MPI.ANY_SOURCE, tag=tag, status=status)
+        source = status.Get_source()
+        if status.Get_tag() == self.REPORT:
+            self._report(source, int(msg[0]), float(msg[1]))
+        return source
+
+    def _run(self) -> None:
+        status = self.MPI.Status()
+        while not self.stopping.wait(self.EVERY):
+            if self.rank == 0:
+                self._report(0, *self._mine())
+                while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.REPORT):
+                    self._receive(status, self.REPORT)
+            elif self.req.Test():  # else the last report is still on its way: skip this one
+                self.buf[:] = self._mine()
+                self.req = self.comm.Isend(self.buf, dest=0, tag=self.REPORT)
+
+    def close(self, clean: bool = True) -> None:
+        """Collective when `clean`; otherwise (an error is ending the run) only stop the
+        thread, since other ranks may never report again."""
+        self.stopping.set()
+        self.thread.join()
+        if not clean:
+            return
+        if self.rank == 0:
+            self._report(0, *self._mine())
+            status, waiting = self.MPI.Status(), set(range(1, self.size))
+            while waiting:  # reports from one rank arrive in order, its DONE last
+                source = self._receive(status, self.MPI.ANY_TAG)
+                if status.Get_tag() == self.DONE:
+                    waiting.discard(source)
+        else:
+            self.req.Wait()
+            self.comm.Send(self.buf, dest=0, tag=self.DONE)
+        self.comm.Free()
 
 
 def make_comm():

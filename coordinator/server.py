@@ -44,6 +44,7 @@ from ddp import protocol
 from ddp.config import Config, job_config
 from ddp.errors import DDPError, DivergedError, UsageError
 from ddp.log import Log
+from ddp.monitor import Monitor
 from ddp.protocol import ProtocolError
 from worker.compute import ShardCompute
 
@@ -112,7 +113,7 @@ class Coordinator:
     """The ROUTER side: membership, shard assignment, validation and summation."""
 
     def __init__(self, setup: Setup, log: Log, stop: StopRequest, endpoint: str,
-                 keys: CurveKeys | None = None):
+                 keys: CurveKeys | None = None, monitor: Monitor | None = None):
         cfg = setup.cfg
         self.setup, self.cfg, self.log, self.stop = setup, cfg, log, stop
         self.P = setup.layout.size
@@ -123,6 +124,7 @@ class Coordinator:
         self.timeout = cfg.worker_timeout
         self.heartbeat = max(0.05, self.timeout / 6)
         self.keys = keys
+        self.metrics = monitor  # ddp.monitor.Monitor (self.monitor is the socket monitor)
 
         # two I/O threads: parameters go out to (and sums come in from) two workers at once
         self.ctx = zmq.Context(io_threads=2)
@@ -174,6 +176,7 @@ class Coordinator:
         self._recovering_since: float | None = None
         self._last_wait_log = 0.0
         self.watchdog = None  # called on every poll (the embedded run checks its children)
+        self.step_compute = 0.0  # the slowest shard's compute seconds in the current step
 
     # --- sending ------------------------------------------------------------------
 
@@ -201,8 +204,13 @@ class Coordinator:
 
     # --- membership -----------------------------------------------------------------
 
-    def _strike(self, peer: bytes, reason: str) -> None:
+    def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
+        if self.metrics is not None:
+            self.metrics.reject(reason)
+
+    def _strike(self, peer: bytes, reason: str) -> None:
+        self._drop(reason)
         n = self.strikes.pop(peer, 0) + 1
         self.strikes[peer] = n
         while len(self.strikes) > MAX_TRACKED_PEERS:
@@ -222,6 +230,9 @@ class Coordinator:
         self.log.info(f"{name} joined ({len(self.members)} worker{'s' * (len(self.members) > 1)}); "
                       f"it takes a shard from the next step")
         self._reply(peer, "welcome", job=self.job_id, step=self.step)
+        if self.metrics is not None:
+            self.metrics.worker_joined(name, self.step)
+            self.metrics.set_workers(len(self.members))
         for task in self.tasks.values():  # rows left without a worker go to the newcomer now
             if task.peer is None and task.result is None:
                 self._assign(task, member)
@@ -238,6 +249,9 @@ class Coordinator:
         self.log.info(f"{member.name} {why}{what} ({len(self.members)} left)")
         if lost:
             self.lost += 1
+        if self.metrics is not None:
+            self.metrics.worker_left(member.name, why, lost)
+            self.metrics.set_workers(len(self.members))
         for task in orphans:
             self._reassign(task)
 
@@ -285,7 +299,7 @@ class Coordinator:
     def _handle(self, frames: list, extra: int = 0) -> None:
         peer = frames[0]
         if peer in self.banned:
-            self.dropped["ignored peer"] += 1
+            self._drop("ignored peer")
             return
         if extra or len(frames) < 2:
             return self._strike(peer, "malformed")
@@ -302,13 +316,13 @@ class Coordinator:
         if kind == "hello":
             return self._hello(peer)
         if msg["job"] != self.job_id:
-            self.dropped["other job"] += 1
+            self._drop("other job")
             return self._reply(peer, "rejoin")
         if kind == "ready":
             return self._ready(peer, msg)
         member = self.members.get(peer)
         if member is None:
-            self.dropped["unknown worker"] += 1
+            self._drop("unknown worker")
             if kind != "bye":
                 self._reply(peer, "rejoin")  # e.g. this coordinator restarted: hello again
             return
@@ -344,10 +358,10 @@ class Coordinator:
     def _result(self, member: Member, msg: dict, frames: list) -> None:
         task = self.tasks.get(msg["task"])
         if msg["step"] != self.step or task is None or task.peer != member.peer:
-            self.dropped["stale"] += 1
+            self._drop("stale")
             return
         if task.result is not None:
-            self.dropped["duplicate"] += 1
+            self._drop("duplicate")
             return
         if msg["type"] == "diverged":
             task.diverged += 1
@@ -366,6 +380,10 @@ class Coordinator:
                 self._reassign(task, avoid=member.peer)
             return
         task.result = (grad, frames[2], float(msg["loss"]), int(msg["correct"]))
+        seconds = max(0.0, msg["seconds"])
+        self.step_compute = max(self.step_compute, seconds)
+        if self.metrics is not None:
+            self.metrics.worker_report(member.name, self.step + 1, seconds)
         member.tasks.discard(task.id)
         member.rows -= n
 
@@ -407,10 +425,17 @@ class Coordinator:
     def _waiting(self, message: str) -> None:
         """State "waiting" (for --status); the message in the log every 10 s at most."""
         self.state = "waiting"
+        if self.metrics is not None:
+            self.metrics.set_state("waiting-for-workers")
         now = time.monotonic()
         if now - self._last_wait_log > 10:
             self._last_wait_log = now
             self.log.info(message)
+
+    def _training(self) -> None:
+        if self.state != "training" and self.metrics is not None:
+            self.metrics.set_state("training")
+        self.state = "training"
 
     def _wait_for_workers(self, need: int | None = None) -> bool:
         """Block until `need` (--min-workers) members are present; False on a stop request."""
@@ -422,13 +447,14 @@ class Coordinator:
                 return False
             self.poll(self.heartbeat)
         self._last_wait_log = 0.0
-        self.state = "training"
+        self._training()
         return True
 
     def run_step(self, step: int, params: np.ndarray, grad_sum: np.ndarray):
         """Σ gradients of `step`'s global batch into `grad_sum`: (loss sum, correct, n),
         or None when a stop was requested first (the step is abandoned, nothing applied)."""
         self.step = step
+        self.step_compute = 0.0
         if not self._wait_for_workers():
             return None
         n = self.setup.schedule.batch_len(step)
@@ -459,7 +485,7 @@ class Coordinator:
                 self._waiting(f"step {step + 1}: no workers left; waiting for one to join "
                               f"on {self.endpoint}")
             self.poll(self.heartbeat)
-        self.state = "training"
+        self._training()
         self.steps_done += 1
         if self._recovering_since is not None:
             self.recoveries.append(time.monotonic() - self._recovering_since)
@@ -606,19 +632,20 @@ def preflight(cfg: Config, log: Log) -> CurveKeys | None:
 
 
 def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spawn: int = 0,
-          worker_threads: int = 1) -> tuple[dict, np.ndarray]:
+          worker_threads: int = 1, monitor: Monitor | None = None) -> tuple[dict, np.ndarray]:
     """Run the job as the coordinator (and `spawn` local workers); (summary, parameters)."""
     cfg = setup.cfg
     dtype = np.dtype(cfg.dtype)
     comm = LocalComm()
     compute = ShardCompute(setup.layout, cfg.activation, cfg.loss, dtype,
                            min(EVAL_ROWS, max(len(setup.train), 1)))
-    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype))
+    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
     tmpdir = tempfile.mkdtemp(prefix="ddp-coordinator-")
     coord = local = None
     reason = "the coordinator failed"
     try:
-        coord = Coordinator(setup, log, stop, cfg.bind or f"ipc://{tmpdir}/coordinator.sock", keys)
+        coord = Coordinator(setup, log, stop, cfg.bind or f"ipc://{tmpdir}/coordinator.sock", keys,
+                            monitor)
         log.info(f"coordinator: job {coord.job_id} on {coord.endpoint}"
                  f"{' (CURVE)' if keys else ''}, data fingerprint {coord.fingerprint}")
         if spawn:
@@ -627,12 +654,17 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
         grad_sum = np.empty(setup.layout.size, dtype)
         started = coord._wait_for_workers(max(cfg.min_workers, spawn))  # all local ones at first
         run.start_clock()
+        if monitor is not None:
+            monitor.set_workers(len(coord.members))
         while started and not run.done:
+            t0 = time.perf_counter()
             result = coord.run_step(run.step, run.params, grad_sum)
             if result is None:
                 break
             loss, correct, n = result
-            run.apply_(grad_sum, loss, correct, n)
+            wall = time.perf_counter() - t0
+            compute = min(coord.step_compute, wall)  # the slowest shard; the rest is exchange
+            run.apply_(grad_sum, loss, correct, n, t0, compute, wall - compute)
             if stop.signum:
                 break
         run.world_size = len(coord.members)

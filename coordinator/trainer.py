@@ -25,6 +25,7 @@ from ddp import data as ddata
 from ddp.config import TRAJECTORY_KEYS, Config
 from ddp.errors import DDPError, DivergedError, UsageError
 from ddp.log import Log
+from ddp.monitor import Monitor
 from ddp.model import init_params_
 from ddp.optim import SGD
 from ddp.setup import Setup
@@ -145,7 +146,7 @@ class Run:
     a step come together; each then calls `apply_(grad_sum, loss_sum, correct, n)`.
     """
 
-    def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator"):
+    def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator", monitor: Monitor | None = None):
         cfg, layout = setup.cfg, setup.layout
         self.setup, self.cfg, self.layout, self.log, self.evaluate = setup, cfg, layout, log, evaluate
         self.rank = comm.rank
@@ -164,6 +165,8 @@ class Run:
         self.t_eval = 0.0
         self.t_loop = None
         self.world_size = comm.world_size
+        self.monitor = monitor
+        self.times = np.zeros(4)  # steps; step, compute, exchange seconds since the last log line
 
     @property
     def done(self) -> bool:
@@ -172,6 +175,8 @@ class Run:
     def start_clock(self) -> None:
         self.log.start_progress(self.cfg.progress, self.total, self.start_step)
         self.t_loop = time.perf_counter()
+        if self.monitor is not None:
+            self.monitor.start(self.step, self.spe, self.world_size)
 
     def train_seconds(self) -> float:
         return time.perf_counter() - self.t_loop - self.t_eval
@@ -185,18 +190,32 @@ class Run:
                 f"loss became {batch_loss} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
                 f"lower --lr or check the data{kept}")
 
-    def apply_(self, grad_sum: np.ndarray, loss_sum: float, correct: float, n_samples: int) -> None:
+    def apply_(self, grad_sum: np.ndarray, loss_sum: float, correct: float, n_samples: int,
+               started: float, t_compute: float, t_exchange: float) -> None:
         """One SGD step from the gradient sums of the whole global batch (`grad_sum` is
-        used as scratch), then the log line, evaluation and checkpoint that are due."""
+        used as scratch), then the log line, evaluation and checkpoint that are due.
+        `started` is the step's perf_counter start; the others are its compute and
+        gradient-exchange seconds."""
         self.check_loss(loss_sum, n_samples)
         self.interval += (loss_sum, correct, n_samples)
+        monitor = self.monitor
+        if monitor is not None and monitor.window_due():  # once a second, not every step
+            monitor.grad_norm = math.sqrt(float(np.dot(grad_sum, grad_sum))) / n_samples
         self.opt.step_(self.params, grad_sum, n_samples)
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg
+        t_step = time.perf_counter() - started
+        self.times += (1, t_step, t_compute, t_exchange)
+        if monitor is not None:
+            monitor.step_done(step, n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
         if cfg.eval_every and self.setup.val is not None and step % cfg.eval_every == 0:
             te = time.perf_counter()
+            self._set_state("evaluating")
             self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            if monitor is not None:
+                monitor.evaluated(step, self.val_loss, self.val_acc)
+                monitor.set_state("training")
             self.t_eval += time.perf_counter() - te
         if step % self.log_every == 0 or step == self.total:
             self._log_line()
@@ -207,21 +226,35 @@ class Run:
                 raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")
             self.write_checkpoint()
 
+    def _set_state(self, state: str) -> None:
+        if self.monitor is not None:
+            self.monitor.set_state(state)
+
     def _log_line(self) -> None:
         loss, correct, count = self.interval
-        line = (f"step {self.step}/{self.total} epoch {self.step // self.spe + (self.step % self.spe > 0)} "
-                f"loss {loss / count + self.opt.l2_penalty(self.params):.4f}")
-        if self.cfg.loss == "cross-entropy":
-            line += f" acc {correct / count:.3f}"
+        loss = loss / count + self.opt.l2_penalty(self.params)
+        accuracy = correct / count if self.cfg.loss == "cross-entropy" else None
+        samples_per_second = self.samples / max(self.train_seconds(), 1e-9)
+        epoch = self.step // self.spe + (self.step % self.spe > 0)
+        line = f"step {self.step}/{self.total} epoch {epoch} loss {loss:.4f}"
+        if accuracy is not None:
+            line += f" acc {accuracy:.3f}"
         if self.val_loss is not None:
             line += f" val_loss {self.val_loss:.4f}" + (
                 f" val_acc {self.val_acc:.3f}" if self.val_acc is not None else "")
-        line += f" samples/s {self.samples / max(self.train_seconds(), 1e-9):,.0f}"
+        line += f" samples/s {samples_per_second:,.0f}"
         if self.log.has_bar:
             self.log.bar.set_postfix_str(line.split(" ", 2)[2], refresh=False)
         else:
             self.log.info(line)
+        if self.monitor is not None:
+            t_step, t_compute, t_exchange = self.times[1:] / max(self.times[0], 1)
+            self.monitor.event("step", step=self.step, epoch=self.step / self.spe, loss=loss,
+                               accuracy=accuracy, val_loss=self.val_loss, val_accuracy=self.val_acc,
+                               samples_per_second=samples_per_second, step_seconds=t_step,
+                               compute_seconds=t_compute, exchange_seconds=t_exchange)
         self.interval[:] = 0
+        self.times[:] = 0
 
     def meta(self) -> dict:
         epoch, k = divmod(self.step, self.spe)
@@ -231,9 +264,13 @@ class Run:
     def write_checkpoint(self) -> None:
         if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
             self.last_checkpoint = self.step
+            self._set_state("checkpointing")
             path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.params,
                                         self.opt.velocity, self.meta())
             self.log.info(f"checkpoint {path}")
+            if self.monitor is not None:
+                self.monitor.checkpointed(self.step, path)
+                self.monitor.set_state("training")
 
     def finish(self, stop: StopRequest, extra: dict | None = None) -> dict:
         """Checkpoint; unless interrupted, evaluate and write the model; the summary."""
@@ -249,6 +286,7 @@ class Run:
             self.log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
         final_loss = train_acc = None
         if not interrupted:  # a stopped job exits promptly: no final pass over the data
+            self._set_state("evaluating")
             final_loss, train_acc = self.evaluate(self.setup.train, self.params_views)
             final_loss += self.opt.l2_penalty(self.params)
             if self.setup.val is not None:
@@ -278,8 +316,8 @@ class Run:
         return summary
 
 
-def train(setup: Setup, comm, log: Log, stop: StopRequest,
-          wall_start: float) -> tuple[dict, np.ndarray]:
+def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
+          monitor: Monitor | None = None) -> tuple[dict, np.ndarray]:
     """The MPI loop to the last step (or a stop request); returns (summary, parameters)."""
     cfg, layout = setup.cfg, setup.layout
     dtype = np.dtype(cfg.dtype)
@@ -295,11 +333,21 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
     max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))
     compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
-    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype))
+    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
+
+    # each rank's progress at rank 0, where metrics are served
+    reports = None
+    if setup.cfg.metrics_port:
+        reports = comm.rank_reports(monitor and monitor.worker_report, run.step)
+        if monitor is not None:
+            for r in range(world):
+                monitor.worker_report(f"rank-{r}", run.step, None)
+    progress = reports.progress if reports is not None else [0, 0.0]
 
     t_compute = t_allreduce = 0.0
     comm.barrier()
     run.start_clock()
+    clean = False
     try:
         while not run.done:
             t0 = time.perf_counter()
@@ -308,16 +356,21 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest,
             stats[LOSS], stats[COUNT], stats[CORRECT] = loss_sum, len(x), correct
             stats[STOP] = 1 if stop.signum else 0
             t1 = time.perf_counter()
+            t_compute += t1 - t0
+            progress[0], progress[1] = run.step + 1, t_compute  # this rank reached the exchange
             comm.allreduce_(comm_buf)
             t2 = time.perf_counter()
-            t_compute += t1 - t0
             t_allreduce += t2 - t1
             stop_requested = stats[STOP] > 0
-            run.apply_(grad_flat, float(stats[LOSS]), float(stats[CORRECT]), int(stats[COUNT]))
+            run.apply_(grad_flat, float(stats[LOSS]), float(stats[CORRECT]), int(stats[COUNT]),
+                       t0, t1 - t0, t2 - t1)
             if stop_requested:
                 break
+        clean = True
     finally:
         log.close_progress()
+        if reports is not None:
+            reports.close(clean)
     if not run.done:  # the signal may have reached one rank only: agree on which it was
         signum = np.array([stop.signum], dtype=np.int64)
         comm.allreduce_(signum, op="max")

@@ -22,6 +22,7 @@ from .config import Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError)
 from .log import Log
+from .monitor import open_monitor
 from .model import forward, loss_sum
 
 TRAIN_DESCRIPTION = """\
@@ -125,6 +126,8 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             return e.exit_code
     log = Log(comm.rank, prog)
     stop = StopRequest()
+    monitor = summary = None
+    code = EXIT_INTERNAL
     try:
         comm.agree(error)
         zmq_workers = 0
@@ -141,6 +144,8 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
 
                 keys = preflight(cfg, log)
             setup = prepare(cfg)
+            if comm.rank == 0:
+                monitor = open_monitor(cfg, setup, cfg.backend, log, serving)
         except DDPError as e:
             error = e
         comm.agree(error)
@@ -163,42 +168,53 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         if cfg.backend == "zmq":
             from coordinator.server import serve
 
-            summary, _ = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads)
+            summary, _ = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads,
+                               monitor=monitor)
             summary["wall_seconds"] = time.perf_counter() - wall_start
         else:
-            summary, _ = train(setup, comm, log, stop, wall_start)
+            summary, _ = train(setup, comm, log, stop, wall_start, monitor)
         summary["threads_per_rank"] = threads
+        code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
         if comm.rank == 0:
             if setup.cfg.summary_json:
                 _write_json(setup.cfg.summary_json, summary)
             print(summary_text(summary), flush=True)
-        return EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
+        return code
     except PeerError as e:
-        return e.exit_code
+        code = e.exit_code
+        return code
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         if comm.rank == 0:
             print(f"{prog}: interrupted before training started", file=sys.stderr, flush=True)
-        return EXIT_SIGNAL_BASE + 2
+        code = EXIT_SIGNAL_BASE + 2
+        return code
     except DDPError as e:
+        code = e.exit_code
         if e.agreed or comm.world_size == 1:  # raised on this rank only; the others know
             _print_error(prog, e, comm.rank or None)
-            return e.exit_code
+            return code
         if e.collective:  # raised on every rank alike: rank 0 speaks
             if comm.rank == 0:
                 _print_error(prog, e)
-            return e.exit_code
+            return code
         _print_error(prog, e, comm.rank)
-        comm.abort(e.exit_code)
-        return e.exit_code
+        if monitor is not None:
+            monitor.close(code, None)
+        comm.abort(code)
+        return code
     except Exception:
         traceback.print_exc()
         _print_error(prog, "internal error (the traceback above is a bug report)",
                      comm.rank if comm.world_size > 1 else None)
         if comm.world_size > 1:
+            if monitor is not None:
+                monitor.close(EXIT_INTERNAL, None)
             comm.abort(EXIT_INTERNAL)
         return EXIT_INTERNAL
     finally:
         stop.restore()
+        if monitor is not None:
+            monitor.close(code, summary)
 
 
 def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:

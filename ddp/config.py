@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import tomllib
+from urllib.parse import urlsplit
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -95,6 +96,20 @@ class Config:
                                        "allowed to join", metavar="DIR", default=None)
     insecure: bool = _opt("zmq: allow a non-loopback --bind without CURVE keys (anyone who can "
                           "reach the port can join and read the model)", default=False)
+    # observability
+    metrics_port: int | None = _opt("serve Prometheus /metrics, /healthz, /status and a live dashboard "
+                                    "on this port (MPI: rank 0; default: none for ddp-train, 9108 for "
+                                    "ddp-coordinator; 0: none)", metavar="PORT", default=None)
+    metrics_addr: str = _opt("address --metrics-port listens on (0.0.0.0: every interface)",
+                             metavar="ADDR", default="127.0.0.1")
+    stall_timeout: float = _opt("seconds without a completed step after which /healthz answers 503",
+                                metavar="SECONDS", default=60.0)
+    log_jsonl: str | None = _opt("append one JSON object per logged step and per event (start, "
+                                 "checkpoint, worker joined/left/failed, end) to this file",
+                                 metavar="FILE.jsonl", default=None)
+    pushgateway: str | None = _opt("when the run ends, push its outcome (exit code, duration, final "
+                                   "loss) to this Prometheus Pushgateway, e.g. http://localhost:9091",
+                                   metavar="URL", default=None)
 
     # --- derived values -----------------------------------------------------
 
@@ -294,7 +309,16 @@ def validate(cfg: Config) -> None:
                  if getattr(cfg, f) is not None] + (["insecure"] if cfg.insecure else [])
         need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
                         f"backend only; add --backend zmq")
-    for name in ("output", "summary_json"):
+    need(cfg.metrics_port is None or 0 <= cfg.metrics_port <= 65535,
+         f"--metrics-port must be a port number (0-65535), got {cfg.metrics_port}")
+    need(bool(cfg.metrics_addr.strip()), "--metrics-addr must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
+    need(cfg.stall_timeout > 0 and _finite(cfg.stall_timeout),
+         f"--stall-timeout must be a positive number of seconds, got {cfg.stall_timeout}")
+    if cfg.pushgateway is not None:
+        url = urlsplit(cfg.pushgateway)
+        need(url.scheme in ("http", "https") and bool(url.hostname) and not url.query,
+             f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+    for name in ("output", "summary_json", "log_jsonl"):
         path = getattr(cfg, name)
         if path:
             parent = os.path.dirname(os.path.abspath(path))

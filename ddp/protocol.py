@@ -13,7 +13,8 @@ accepted only with the exact byte size the model needs. Nothing is ever unpickle
 worker → coordinator
     hello       {}                                  join: send me the job
     ready       {job, fingerprint}                  data loaded; its content fingerprint
-    grads       {job, step, task, n, loss, correct} + Σ gradients of the task's rows
+    grads       {job, step, task, n, loss, correct, seconds} + Σ gradients of the task's rows
+                                                    (seconds: the time it took to compute)
     diverged    {job, step, task}                   the task's loss is NaN/Inf (no array)
     heartbeat   {job}                               alive (sent while computing too)
     bye         {job}                               leaving (Ctrl-C / SIGTERM on the worker)
@@ -35,7 +36,7 @@ import math
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 MAX_HEADER = 4096            # bytes: any header a worker sends is far smaller
 MAX_REPLY_HEADER = 1 << 20   # coordinator → worker headers (job config, status)
 _MAX_INT = 1 << 53
@@ -51,7 +52,8 @@ _SCHEMA = {
     # worker → coordinator
     "hello": {},
     "ready": {"job": "id", "fingerprint": "id"},
-    "grads": {"job": "id", "step": "int", "task": "int", "n": "int", "loss": "float", "correct": "int"},
+    "grads": {"job": "id", "step": "int", "task": "int", "n": "int", "loss": "float", "correct": "int",
+              "seconds": "float"},
     "diverged": {"job": "id", "step": "int", "task": "int"},
     "heartbeat": {"job": "id"},
     "bye": {"job": "id"},

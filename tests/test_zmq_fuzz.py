@@ -183,7 +183,8 @@ class Junk:
         fields = {
             "ready": {"job": job, "fingerprint": hexid(r, 32)},
             "grads": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6),
-                      "n": r.randrange(64), "loss": r.random() * 10, "correct": r.randrange(64)},
+                      "n": r.randrange(64), "loss": r.random() * 10, "correct": r.randrange(64),
+                      "seconds": r.random()},
             "diverged": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6)},
             "heartbeat": {"job": job},
             "bye": {"job": job},
@@ -222,7 +223,8 @@ class Junk:
             fields[r.choice(["extra", "v2", "pickle", "__class__"])] = r.choice([1, "x", None])
             return self.json_msg(type_, fields)
         if kind == 5:  # JSON constants / overflowing numbers
-            raw = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.5, correct=0)
+            raw = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.5, correct=0,
+                                  seconds=0.01)
             const = r.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"])
             field = r.choice([b'"loss":0.5', b'"step":1', b'"n":1'])
             raw = raw.replace(field, field.split(b":")[0] + b":" + const)
@@ -248,9 +250,11 @@ class Junk:
         if kind == 8:  # array frame where none belongs / missing where one does
             if r.random() < 0.5:
                 return [protocol.encode("heartbeat", job=self.job), small(r)]
-            return [protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1)]
+            return [protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1,
+                                    seconds=0.01)]
         if kind == 9:  # too many frames
-            head = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1)
+            head = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1,
+                                   seconds=0.01)
             return [head] + [r.randbytes(r.randrange(64)) for _ in range(r.randint(3, 40))]
         if kind == 10:  # a header above MAX_HEADER, up to the size of a valid array frame
             size = r.choice([protocol.MAX_HEADER + 1, 20_000, MAXMSG])
@@ -368,7 +372,7 @@ def oversize_fuzzer(sockets: Sockets, job: str, stats: Stats, errors: list):
     """Frames above MAXMSGSIZE (10-50 MB, and just above it): libzmq must drop the connection
     at the frame's size prefix; a frame of a valid array's size still gets through."""
     big = bytes(50 << 20)
-    head = protocol.encode("grads", job=job, step=0, task=1, n=1, loss=0.1, correct=1)
+    head = protocol.encode("grads", job=job, step=0, task=1, n=1, loss=0.1, correct=1, seconds=0.01)
     try:
         s = sockets.dealer()
         mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -567,7 +571,7 @@ class Member:
         elif ending == "oversize":
             # dropped by libzmq with the connection; the reconnected peer is still answered
             head = protocol.encode("grads", job=self.job, step=msg["step"], task=msg["task"],
-                                   n=msg["hi"] - msg["lo"], loss=1.0, correct=0)
+                                   n=msg["hi"] - msg["lo"], loss=1.0, correct=0, seconds=0.01)
             s.send_multipart([head, garbage(self.rng, ABOVE_LIMIT)])
             self.stats.add(1)
             self.sync(s)
@@ -609,7 +613,8 @@ class Member:
         job, step, task, n = self.job, msg["step"], msg["task"], msg["hi"] - msg["lo"]
 
         def grads(**kw):
-            f = dict(job=job, step=step, task=task, n=n, loss=r.random() * 50, correct=r.randint(0, n))
+            f = dict(job=job, step=step, task=task, n=n, loss=r.random() * 50, correct=r.randint(0, n),
+                     seconds=0.01)
             f.update(kw)
             return protocol.encode("grads", **f)
 
@@ -830,7 +835,7 @@ def test_outstanding_rows_after_a_non_finite_result(procs, tmp_path):
         first = got[0]
         n = first["hi"] - first["lo"]
         s.send_multipart([protocol.encode("grads", job=job, step=first["step"], task=first["task"],
-                                          n=n, loss=1.0, correct=0),
+                                          n=n, loss=1.0, correct=0, seconds=0.01),
                           with_nan(random.Random(0), "nan")])
         # the shard is recomputed by the real worker; the next step's task comes to us
         got = wait_for_type(s, "task", 15)

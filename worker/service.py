@@ -120,7 +120,9 @@ class ComputeThread(threading.Thread):
                 if item is None:
                     return
                 generation, msg, params = item
-                self.results.put((generation, msg, *self._compute(msg, params)))
+                started = time.perf_counter()
+                loss, correct, entry = self._compute(msg, params)
+                self.results.put((generation, msg, loss, correct, entry, time.perf_counter() - started))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
@@ -297,7 +299,7 @@ class WorkerService:
             self.wake.recv()
         while True:
             try:
-                generation, msg, loss, correct, entry = self.compute.results.get_nowait()
+                generation, msg, loss, correct, entry, seconds = self.compute.results.get_nowait()
             except queue.Empty:
                 return
             n = msg["hi"] - msg["lo"]
@@ -309,7 +311,7 @@ class WorkerService:
                 entry[1] = False
                 continue
             header = protocol.encode("grads", job=self.job_id, step=msg["step"], task=msg["task"],
-                                     n=n, loss=float(loss), correct=int(correct))
+                                     n=n, loss=float(loss), correct=int(correct), seconds=seconds)
             tracker = self._send(header, entry[0])
             if tracker is None:
                 entry[1] = False
