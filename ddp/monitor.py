@@ -33,6 +33,7 @@ DEFAULT_PORT = 9108
 WINDOW_SECONDS = 1.0        # a history point (and the loss gauges) every second of training
 MAX_POINTS = 4000           # history kept for the dashboard; older points are thinned
 MAX_DEPARTED = 32           # workers that left, still listed by /status
+LINGER_SECONDS = 3.0        # at the end, how long a watched run waits for a last poll
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
            0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
 # why the ZeroMQ coordinator dropped a message (ddp_rejected_messages_total{reason})
@@ -122,6 +123,8 @@ class Monitor:
         self.train_points: list[dict] = []
         self.val_points: list[dict] = []
         self.server: ThreadingHTTPServer | None = None
+        self.last_request = -math.inf     # monotonic time of the last request served
+        self.final_seen = threading.Event()  # a poll after the end saw the final state
         self.closed = False
         self.jsonl = None
         if jsonl:
@@ -151,7 +154,7 @@ class Monitor:
     def window_due(self) -> bool:
         """Whether the step being applied closes the current window (the caller then
         measures what is too dear to measure every step, such as the gradient norm)."""
-        return time.monotonic() - self.window.start >= WINDOW_SECONDS
+        return self.grad_norm is None or time.monotonic() - self.window.start >= WINDOW_SECONDS
 
     def step_done(self, step: int, n: int, loss_sum: float, correct: float,
                   t_step: float, t_compute: float, t_comm: float) -> None:
@@ -413,6 +416,8 @@ class Monitor:
         if self.pushgateway:
             self.push(exit_code, summary)
         if self.server is not None:
+            if time.monotonic() - self.last_request < 10:  # someone is watching: let them see the end
+                self.final_seen.wait(LINGER_SECONDS)
             self.server.shutdown()
             self.server.server_close()
             self.server = None
@@ -488,34 +493,40 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path, m = url.path, self.monitor
         try:
-            if path == "/metrics":
-                from prometheus_client.exposition import choose_encoder
-
-                encode, ctype = choose_encoder(self.headers.get("Accept"))
-                return self._send(200, encode(self.registry), ctype)
-            if path == "/healthz":
-                ok, text = m.health()
-                return self._text(200 if ok else 503, text)
-            if path == "/status":
-                return self._json(m.status())
-            if path == "/api/history":
-                query = parse_qs(url.query)
-                try:
-                    after = int(query.get("after", ["0"])[0])
-                except ValueError:
-                    return self._text(400, "after must be an integer")
-                return self._json(m.history(after))
-            if path in ("/", "/index.html"):
-                path = "/static/index.html"
-            if path.startswith("/static/") and path[len("/static/"):] in self.static:
-                file = self.static[path[len("/static/"):]]
-                return self._send(200, file.read_bytes(),
-                                  CONTENT_TYPES.get(file.suffix, "application/octet-stream"),
-                                  {"Content-Security-Policy": "default-src 'self'; "
-                                   "style-src 'self' 'unsafe-inline'; img-src 'self' data:"})
-            return self._text(404, f"not found: {path} (try /, /metrics, /healthz, /status)")
+            self._route(url, path, m)
         except (BrokenPipeError, ConnectionResetError):
-            pass
+            return
+        m.last_request = time.monotonic()
+        if m.closed and path in ("/api/history", "/metrics"):  # the dashboard's last poll, a scrape
+            m.final_seen.set()
+
+    def _route(self, url, path: str, m: Monitor) -> None:
+        if path == "/metrics":
+            from prometheus_client.exposition import choose_encoder
+
+            encode, ctype = choose_encoder(self.headers.get("Accept"))
+            return self._send(200, encode(self.registry), ctype)
+        if path == "/healthz":
+            ok, text = m.health()
+            return self._text(200 if ok else 503, text)
+        if path == "/status":
+            return self._json(m.status())
+        if path == "/api/history":
+            query = parse_qs(url.query)
+            try:
+                after = int(query.get("after", ["0"])[0])
+            except ValueError:
+                return self._text(400, "after must be an integer")
+            return self._json(m.history(after))
+        if path in ("/", "/index.html"):
+            path = "/static/index.html"
+        if path.startswith("/static/") and path[len("/static/"):] in self.static:
+            file = self.static[path[len("/static/"):]]
+            return self._send(200, file.read_bytes(),
+                              CONTENT_TYPES.get(file.suffix, "application/octet-stream"),
+                              {"Content-Security-Policy": "default-src 'self'; "
+                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:"})
+        return self._text(404, f"not found: {path} (try /, /metrics, /healthz, /status)")
 
     do_HEAD = do_GET
 
