@@ -146,7 +146,8 @@ class Run:
     a step come together; each then calls `apply_(grad_sum, loss_sum, correct, n)`.
     """
 
-    def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator", monitor: Monitor | None = None):
+    def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator",
+                 monitor: Monitor | None = None):
         cfg, layout = setup.cfg, setup.layout
         self.setup, self.cfg, self.layout, self.log, self.evaluate = setup, cfg, layout, log, evaluate
         self.rank = comm.rank
@@ -166,7 +167,7 @@ class Run:
         self.t_loop = None
         self.world_size = comm.world_size
         self.monitor = monitor
-        self.times = np.zeros(4)  # steps; step, compute, exchange seconds since the last log line
+        self.times = [0, 0.0, 0.0, 0.0]  # steps; step, compute, exchange s since the last log line
 
     @property
     def done(self) -> bool:
@@ -205,9 +206,13 @@ class Run:
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg
-        t_step = time.perf_counter() - started
-        self.times += (1, t_step, t_compute, t_exchange)
         if monitor is not None:
+            t_step = time.perf_counter() - started
+            times = self.times
+            times[0] += 1
+            times[1] += t_step
+            times[2] += t_compute
+            times[3] += t_exchange
             monitor.step_done(step, n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
         if cfg.eval_every and self.setup.val is not None and step % cfg.eval_every == 0:
             te = time.perf_counter()
@@ -248,13 +253,14 @@ class Run:
         else:
             self.log.info(line)
         if self.monitor is not None:
-            t_step, t_compute, t_exchange = self.times[1:] / max(self.times[0], 1)
+            n = max(self.times[0], 1)
+            t_step, t_compute, t_exchange = (t / n for t in self.times[1:])
             self.monitor.event("step", step=self.step, epoch=self.step / self.spe, loss=loss,
                                accuracy=accuracy, val_loss=self.val_loss, val_accuracy=self.val_acc,
                                samples_per_second=samples_per_second, step_seconds=t_step,
                                compute_seconds=t_compute, exchange_seconds=t_exchange)
         self.interval[:] = 0
-        self.times[:] = 0
+        self.times = [0, 0.0, 0.0, 0.0]
 
     def meta(self) -> dict:
         epoch, k = divmod(self.step, self.spe)
