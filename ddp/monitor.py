@@ -175,7 +175,7 @@ class Monitor:
             w.t_step += t_step
             w.t_compute += t_compute
             w.t_comm += t_comm
-            if now - w.start >= WINDOW_SECONDS or step >= self.total_steps:
+            if now - w.start >= WINDOW_SECONDS or step >= self.total_steps or self.loss is None:
                 self._close_window(w, now)
 
     def _close_window(self, w: Window, now: float) -> None:
