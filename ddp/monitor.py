@@ -13,7 +13,6 @@ import bisect
 import itertools
 import json
 import math
-import os
 import platform
 import socket
 import threading

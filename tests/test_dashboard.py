@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -23,7 +22,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import kill_tree, train_cmd
+from conftest import free_port, kill_tree, train_cmd
 from zmq_helpers import procs  # noqa: F401 (a fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,12 +47,6 @@ RUN = ["--data", "spiral", "--steps", "2000000", "--val-fraction", "0.2", "--eva
 
 # no proxy for anything here: every request goes to 127.0.0.1
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:

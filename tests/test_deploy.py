@@ -12,13 +12,12 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import BIN, MPIRUN, PY, read_json, run
+from conftest import BIN, MPIRUN, PY, free_port, read_json, run
 from zmq_helpers import Proc
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the deploy files: pip install pyyaml")
@@ -695,11 +694,6 @@ def test_k8s_zmq():
 
 
 # --- the Slurm script, run for real (a stand-in srun starts the ranks with mpirun)
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_slurm_script_runs(tmp_path):

@@ -15,9 +15,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MPIRUN, PY, _env, descendants, kill_tree, one_error_line, train, train_cmd
+from conftest import MPIRUN, descendants, free_port, kill_tree, one_error_line, train, train_cmd
 from ddp.monitor import BUCKETS, REJECT_REASONS, STATES, Monitor
-from zmq_helpers import Proc, procs  # noqa: F401 (fixture)
+from zmq_helpers import procs  # noqa: F401 (fixture)
 
 # every sample the README and the Grafana dashboard rely on (cross-entropy runs)
 METRICS = {
@@ -29,12 +29,6 @@ METRICS = {
     "ddp_worker_joins_total", "ddp_last_checkpoint_timestamp_seconds",
 } | {f"ddp_{h}_duration_seconds_{part}" for h in ("step", "compute", "allreduce")
      for part in ("bucket", "sum", "count")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str, method: str = "GET", timeout: float = 5):

@@ -13,14 +13,13 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import MPIRUN, PY, train_cmd
+from conftest import MPIRUN, PY, free_port, train_cmd
 from zmq_helpers import Proc, ipc
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -40,12 +39,6 @@ RUNS = {"zmq": (3000, 300), "mpi": (12000, 1000)}
 MIN_SCRAPES = 6
 ATTEMPTS = 3
 WORKERS = {"zmq": {"worker 1", "worker 2"}, "mpi": {"rank-0", "rank-1"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 10) -> tuple[int, bytes]:

@@ -19,7 +19,7 @@ import stat
 
 import pytest
 
-from conftest import BIN, PY, read_json, run, one_error_line
+from conftest import BIN, PY, free_port, one_error_line, read_json, run
 from zmq_helpers import SMALL, max_param_diff, procs  # noqa: F401  (procs is a fixture)
 
 from ddp import keys as keyfiles
@@ -38,12 +38,6 @@ def cli(script: str, *args: str) -> list[str]:
     if os.access(path, os.X_OK):
         return [path, *args]
     return [PY, "-m", "ddp", script.removeprefix("ddp-"), *args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _show(res) -> str:
