@@ -124,7 +124,7 @@ class Coordinator:
         self.timeout = cfg.worker_timeout
         self.heartbeat = max(0.05, self.timeout / 6)
         self.keys = keys
-        self.metrics = monitor  # ddp.monitor.Monitor (self.monitor is the socket monitor)
+        self.monitor = monitor
 
         # two I/O threads: parameters go out to (and sums come in from) two workers at once
         self.ctx = zmq.Context(io_threads=2)
@@ -151,10 +151,10 @@ class Coordinator:
             raise UsageError(f"--bind {endpoint}: cannot bind ({e.strerror}){hint}")
         self.sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.disconnects = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(self.disconnects, zmq.POLLIN)
 
         self.members: dict[bytes, Member] = {}
         self.pending: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # sent the job
@@ -206,8 +206,8 @@ class Coordinator:
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
-        if self.metrics is not None:
-            self.metrics.reject(reason)
+        if self.monitor is not None:
+            self.monitor.reject(reason)
 
     def _strike(self, peer: bytes, reason: str) -> None:
         self._drop(reason)
@@ -230,9 +230,9 @@ class Coordinator:
         self.log.info(f"{name} joined ({len(self.members)} worker{'s' * (len(self.members) > 1)}); "
                       f"it takes a shard from the next step")
         self._reply(peer, "welcome", job=self.job_id, step=self.step)
-        if self.metrics is not None:
-            self.metrics.worker_joined(name, self.step)
-            self.metrics.set_workers(len(self.members))
+        if self.monitor is not None:
+            self.monitor.worker_joined(name, self.step)
+            self.monitor.set_workers(len(self.members))
         for task in self.tasks.values():  # rows left without a worker go to the newcomer now
             if task.peer is None and task.result is None:
                 self._assign(task, member)
@@ -249,9 +249,9 @@ class Coordinator:
         self.log.info(f"{member.name} {why}{what} ({len(self.members)} left)")
         if lost:
             self.lost += 1
-        if self.metrics is not None:
-            self.metrics.worker_left(member.name, why, lost)
-            self.metrics.set_workers(len(self.members))
+        if self.monitor is not None:
+            self.monitor.worker_left(member.name, why, lost)
+            self.monitor.set_workers(len(self.members))
         for task in orphans:
             self._reassign(task)
 
@@ -382,8 +382,8 @@ class Coordinator:
         task.result = (grad, frames[2], float(msg["loss"]), int(msg["correct"]))
         seconds = max(0.0, msg["seconds"])
         self.step_compute = max(self.step_compute, seconds)
-        if self.metrics is not None:
-            self.metrics.worker_report(member.name, self.step + 1, seconds)
+        if self.monitor is not None:
+            self.monitor.worker_report(member.name, self.step + 1, seconds)
         member.tasks.discard(task.id)
         member.rows -= n
 
@@ -406,9 +406,9 @@ class Coordinator:
         if time.monotonic() < self.probe_until:  # a connection closed: look again soon
             timeout = min(timeout, 0.05)
         events = dict(self.poller.poll(max(0, int(timeout * 1000))))
-        if self.monitor in events:
-            while self.monitor.poll(0):
-                self.monitor.recv_multipart()
+        if self.disconnects in events:
+            while self.disconnects.poll(0):
+                self.disconnects.recv_multipart()
             self.probe_until = time.monotonic() + 1.0
         if self.sock in events:
             for _ in range(1000):  # then look at the clock again
@@ -425,16 +425,16 @@ class Coordinator:
     def _waiting(self, message: str) -> None:
         """State "waiting" (for --status); the message in the log every 10 s at most."""
         self.state = "waiting"
-        if self.metrics is not None:
-            self.metrics.set_state("waiting-for-workers")
+        if self.monitor is not None:
+            self.monitor.set_state("waiting-for-workers")
         now = time.monotonic()
         if now - self._last_wait_log > 10:
             self._last_wait_log = now
             self.log.info(message)
 
     def _training(self) -> None:
-        if self.state != "training" and self.metrics is not None:
-            self.metrics.set_state("training")
+        if self.state != "training" and self.monitor is not None:
+            self.monitor.set_state("training")
         self.state = "training"
 
     def _wait_for_workers(self, need: int | None = None) -> bool:
@@ -544,17 +544,17 @@ class Coordinator:
         # A worker drops what it has not read yet when the connection closes (it sets
         # ZMQ_IMMEDIATE), so stay until they hang up, for a second at most.
         deadline = time.monotonic() + 1.0
-        while told and self.monitor is not None and time.monotonic() < deadline:
-            if self.monitor.poll(50):
-                self.monitor.recv_multipart()
+        while told and self.disconnects is not None and time.monotonic() < deadline:
+            if self.disconnects.poll(50):
+                self.disconnects.recv_multipart()
                 told -= 1
         self.sock.setsockopt(zmq.LINGER, 1000)
 
     def close(self) -> None:
-        if getattr(self, "monitor", None) is not None:
+        if getattr(self, "disconnects", None) is not None:
             self.sock.disable_monitor()
-            self.monitor.close(linger=0)
-            self.monitor = None
+            self.disconnects.close(linger=0)
+            self.disconnects = None
         if getattr(self, "sock", None) is not None:
             self.sock.close()
             self.sock = None

@@ -56,6 +56,13 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _thin(points: list) -> None:
+    """Past MAX_POINTS, halve the older half: the whole run stays, at a coarser grain."""
+    if len(points) > MAX_POINTS:
+        half = MAX_POINTS // 2
+        points[:half] = points[:half:2]
+
+
 class Histogram:
     """Bucket counts of observed durations (cumulated only when scraped)."""
 
@@ -187,9 +194,7 @@ class Monitor:
             "loss": _finite(self.loss), "accuracy": _finite(self.accuracy),
             "samples_per_second": self.samples_per_second, "step_seconds": w.t_step / w.steps,
             "compute_seconds": w.t_compute / w.steps, "comm_seconds": w.t_comm / w.steps})
-        if len(self.train_points) > MAX_POINTS:  # keep the whole run, at a coarser grain
-            half = MAX_POINTS // 2
-            self.train_points[:half] = self.train_points[:half:2]
+        _thin(self.train_points)
         self.window = Window(now)
 
     def evaluated(self, step: int, val_loss: float, val_accuracy: float | None) -> None:
@@ -199,9 +204,7 @@ class Monitor:
             self.last_seq = next(self.seq)
             self.val_points.append({"seq": self.last_seq, "t": time.time(), "step": step,
                                     "val_loss": _finite(val_loss), "val_accuracy": _finite(val_accuracy)})
-            if len(self.val_points) > MAX_POINTS:
-                half = MAX_POINTS // 2
-                self.val_points[:half] = self.val_points[:half:2]
+            _thin(self.val_points)
 
     def checkpointed(self, step: int, path: str) -> None:
         with self.lock:
