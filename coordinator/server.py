@@ -262,7 +262,7 @@ class Coordinator:
         header = protocol.encode("task", job=self.job_id, step=self.step, task=task.id,
                                  lo=task.lo, hi=task.hi)
         if not self._send(member.peer, header, self.params_buf):
-            self._drop_member(member, "is unreachable", lost=True)
+            self._drop_member(member, "is lost (unreachable)", lost=True)
 
     def _reassign(self, task: Task, avoid: bytes | None = None) -> None:
         """Give a task's rows to the least busy member (another than `avoid` if possible)

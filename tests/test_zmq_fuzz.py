@@ -790,7 +790,7 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
     # the real workers were never dropped; the misbehaving member was, in every way
     log = coord.stderr
     for name in real:
-        assert not re.search(rf"^{name} (left|rejoined|is lost|is unreachable|sent)", log, re.M), name
+        assert not re.search(rf"^{name} (left|rejoined|is lost|sent)", log, re.M), name
     assert re.search(r"^worker \d+ sent 20 invalid messages; ignoring it from now on", log, re.M)
     assert "its data differs from the coordinator's" in log
     assert "Traceback" not in log
