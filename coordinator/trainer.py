@@ -168,6 +168,9 @@ class Run:
         self.world_size = comm.world_size
         self.monitor = monitor
         self.times = [0, 0.0, 0.0, 0.0]  # steps; step, compute, exchange s since the last log line
+        # steady state: the rate after the first steps (BLAS and caches warm), for benchmarks
+        self.steady_from = self.start_step + min(20, (self.total - self.start_step) // 5)
+        self.steady_mark = None  # (perf_counter, t_eval, samples) when steady_from was reached
 
     @property
     def done(self) -> bool:
@@ -206,6 +209,8 @@ class Run:
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg
+        if step == self.steady_from:
+            self.steady_mark = (time.perf_counter(), self.t_eval, self.samples)
         if monitor is not None:
             t_step = time.perf_counter() - started
             times = self.times
@@ -278,10 +283,20 @@ class Run:
                 self.monitor.checkpointed(self.step, path)
                 self.monitor.set_state("training")
 
+    def steady(self) -> dict | None:
+        """Steps, seconds and samples/s from `steady_from` on (evaluation time excluded)."""
+        if self.steady_mark is None or self.step <= self.steady_from:
+            return None
+        t, t_eval, samples = self.steady_mark
+        seconds = time.perf_counter() - t - (self.t_eval - t_eval)
+        return {"from_step": self.steady_from, "steps": self.step - self.steady_from,
+                "seconds": seconds, "samples_per_second": (self.samples - samples) / seconds}
+
     def finish(self, stop: StopRequest, extra: dict | None = None) -> dict:
         """Checkpoint; unless interrupted, evaluate and write the model; the summary."""
         self.log.close_progress()
         train_seconds = self.train_seconds()
+        steady = self.steady()
         cfg, step, total = self.cfg, self.step, self.total
         interrupted = step < total
         self.write_checkpoint()
@@ -311,6 +326,7 @@ class Run:
             "val_accuracy": self.val_acc,
             "samples_per_second": self.samples / train_seconds if train_seconds > 0 else None,
             "train_seconds": train_seconds,
+            "steady": steady,
             "resumed_from_step": self.start_step,
             "interrupted": interrupted,
             "signal": stop.signum or None,
