@@ -7,7 +7,7 @@ Backward: δ_L = ∂(Σ loss)/∂z_L,  dW_i = a_{i-1}ᵀ·δ_i,  db_i = Σ_rows 
 All activation and delta buffers are allocated once for the largest shard;
 a smaller shard uses their leading rows. Gradients are written straight into
 views of the caller's flat buffer, so nothing is allocated per step beyond a
-few (n, classes)-sized temporaries in the loss.
+few (n,)- and (n, classes)-sized temporaries in the loss.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class ShardCompute:
         widths = layout.layers[1:]
         self.acts = [np.empty((self.max_rows, w), dtype) for w in widths]
         self.deltas = [np.empty((self.max_rows, w), dtype) for w in widths[:-1]]
+        self.scratch = np.empty((self.max_rows, max(widths[:-1], default=1)), dtype)
 
     def _chunks(self, n: int):
         for start in range(0, n, self.max_rows):
@@ -45,18 +46,24 @@ class ShardCompute:
             a = z
         return a
 
-    def grad_sums_(self, params, grads, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    def grad_sums_(self, params, grads, x: np.ndarray, y: np.ndarray,
+                   layer_done=None) -> tuple[float, int]:
         """Write Σ per-sample gradients over the shard into `grads` (views per layer).
 
         Returns (loss sum, correct predictions). An empty shard yields zero sums.
         `params` and `grads` are the [(W, b)] views of the flat buffers.
+        `layer_done(i)`, if given, is called as soon as layer i's gradients are
+        written (last layer first), so their exchange can start during backward.
         """
         n = len(x)
         if n == 0:
-            for dW, db in grads:
+            for i in range(len(grads) - 1, -1, -1):
+                dW, db = grads[i]
                 dW[...] = 0
                 if db is not None:
                     db[...] = 0
+                if layer_done is not None:
+                    layer_done(i)
             return 0.0, 0
         assert n <= self.max_rows, "shard larger than the buffers it was sized for"
         z = self.forward(params, x)
@@ -69,12 +76,18 @@ class ShardCompute:
             np.matmul(a_in.T, delta, out=dW)
             if db is not None:
                 np.sum(delta, axis=0, out=db)
+            if layer_done is not None:
+                layer_done(i)
             if i > 0:
                 delta_prev = self.deltas[i - 1][:n]
                 np.matmul(delta, params[i][0].T, out=delta_prev)
-                self.f_prime(a_in, delta_prev)
+                self.f_prime(a_in, delta_prev, self._scratch(delta_prev.shape))
                 delta = delta_prev
         return loss_sum, correct
+
+    def _scratch(self, shape):
+        """A C-contiguous scratch array of `shape` inside the one preallocated buffer."""
+        return self.scratch.reshape(-1)[:shape[0] * shape[1]].reshape(shape)
 
     def _correct(self, z: np.ndarray, y: np.ndarray) -> int:
         if self.loss_name != "cross-entropy":
