@@ -4,8 +4,10 @@ in one Allreduce, every rank applies the same SGD step.
 One step, on every rank:
   1. the schedule gives this step's global batch; this rank takes its shard;
   2. the worker writes Σ per-sample gradients of the shard into the flat buffer,
-     followed by [loss sum, sample count, correct count, stop flag];
-  3. one in-place Allreduce sums that whole buffer over ranks;
+     after [loss sum, sample count, correct count, stop flag];
+  3. in-place Allreduces sum that whole buffer over ranks, in buckets of
+     --bucket-mb, each started as soon as backward has written it (last layers
+     first) and all waited for before the update;
   4. the optimizer divides by the *global* sample count and updates in place,
      so parameters stay identical everywhere whatever the shard sizes;
   5. rank 0 logs, shows progress and writes checkpoints.
@@ -31,6 +33,8 @@ from ddp.optim import SGD
 from ddp.setup import Setup
 from ddp.signals import StopRequest  # noqa: F401 (part of this module's interface)
 from worker.compute import ShardCompute
+
+from .mpi import plan_buckets
 
 # Slots after the gradients in the buffer that is allreduced each step.
 LOSS, COUNT, CORRECT, STOP = range(4)
@@ -81,7 +85,8 @@ def check_writable(cfg: Config) -> None:
             raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
-def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD) -> int:
+def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD,
+                  shared: bool = False) -> int:
     """Fill params/velocity on every rank from a checkpoint, --init or the seed; return the step."""
     cfg = setup.cfg
     step = np.zeros(1, dtype=np.int64)
@@ -105,8 +110,11 @@ def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD) ->
             error = e
     comm.agree(error)
     comm.bcast_(step)
-    comm.bcast_(params)
-    comm.bcast_(opt.velocity)
+    if shared:  # one copy on the host, written by rank 0
+        comm.barrier()
+    else:
+        comm.bcast_(params)
+        comm.bcast_(opt.velocity)
     return int(step[0])
 
 
@@ -147,15 +155,20 @@ class Run:
     """
 
     def __init__(self, setup: Setup, comm, log: Log, evaluate: "Evaluator",
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, shared=None):
         cfg, layout = setup.cfg, setup.layout
         self.setup, self.cfg, self.layout, self.log, self.evaluate = setup, cfg, layout, log, evaluate
         self.rank = comm.rank
         self.dtype = np.dtype(cfg.dtype)
-        self.params = np.empty(layout.size, dtype=self.dtype)
-        self.params_views = layout.views(self.params)
         self.opt = SGD(layout, self.dtype, cfg.lr, cfg.momentum, cfg.l2)
-        self.step = self.start_step = initial_state(setup, comm, log, self.params, self.opt)
+        self.shared = shared  # a SharedExchange: parameters and velocity live in its window
+        if shared is not None:
+            self.params, self.opt.velocity = shared.params, shared.velocity
+        else:
+            self.params = np.empty(layout.size, dtype=self.dtype)
+        self.params_views = layout.views(self.params)
+        self.step = self.start_step = initial_state(setup, comm, log, self.params, self.opt,
+                                                    shared is not None)
         self.total = setup.total_steps
         self.spe = setup.schedule.steps_per_epoch
         self.log_every = cfg.log_every or max(1, (self.total - self.start_step) // 20)
@@ -203,9 +216,15 @@ class Run:
         self.check_loss(loss_sum, n_samples)
         self.interval += (loss_sum, correct, n_samples)
         monitor = self.monitor
-        if monitor is not None and monitor.window_due():  # once a second, not every step
-            monitor.grad_norm = math.sqrt(float(np.dot(grad_sum, grad_sum))) / n_samples
-        self.opt.step_(self.params, grad_sum, n_samples)
+        if self.shared is not None:  # each rank sums and updates its part (grad_sum is None)
+            want_norm = bool(self.cfg.metrics_port) and self.step % 16 == 0  # alike on every rank
+            self.shared.reduce_update_(self.opt, n_samples, want_norm)
+            if want_norm and monitor is not None:
+                monitor.grad_norm = math.sqrt(float(self.shared.norms.sum())) / n_samples
+        else:
+            if monitor is not None and monitor.window_due():  # once a second, not every step
+                monitor.grad_norm = math.sqrt(float(np.dot(grad_sum, grad_sum))) / n_samples
+            self.opt.step_(self.params, grad_sum, n_samples)
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg
@@ -346,16 +365,32 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     world, rank = comm.world_size, comm.rank
     P = layout.size
 
-    # One buffer for everything that is summed each step: gradients, then stats.
-    comm_buf = np.zeros(P + N_STATS, dtype=dtype)
-    grad_flat, stats = comm_buf[:P], comm_buf[P:]
+    # One buffer for everything that is summed each step: the stats (padded to 64
+    # bytes, so the gradients stay aligned), then the gradients.
+    head = max(N_STATS, 64 // dtype.itemsize)
+    one_host = world > 1 and comm.local_size == world
+    comm.agree(UsageError("--exchange shared needs every rank on one host; use --exchange auto")
+               if cfg.exchange == "shared" and world > 1 and not one_host else None)
+    shared = None
+    if one_host and cfg.exchange != "allreduce":
+        shared = exchange = comm.shared_exchange(head + P, head, dtype)
+        comm_buf = shared.buf
+        comm_buf[:] = 0
+        totals = shared.totals
+    else:
+        comm_buf = np.zeros(head + P, dtype=dtype)
+        buckets = plan_buckets([(head + lo, head + hi) for lo, hi in layout.layer_spans()],
+                               len(comm_buf), int(cfg.bucket_mb * 1e6) // dtype.itemsize)
+        exchange = comm.exchange(comm_buf, buckets)
+        totals = comm_buf[:N_STATS]
+    stats, grad_flat = comm_buf[:N_STATS], comm_buf[head:]
     grad_views = layout.views(grad_flat)
 
     # buffers for the largest shard: a batch can hold no more than the training set
     max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))
     compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
-    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
+    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor, shared)
 
     # each rank's progress at rank 0, where metrics are served
     reports = None
@@ -374,18 +409,19 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
         while not run.done:
             t0 = time.perf_counter()
             x, y = reader.shard(run.step, rank, world)
-            loss_sum, correct = compute.grad_sums_(run.params_views, grad_views, x, y)
+            loss_sum, correct = compute.grad_sums_(run.params_views, grad_views, x, y,
+                                                   exchange.layer_done)
             stats[LOSS], stats[COUNT], stats[CORRECT] = loss_sum, len(x), correct
             stats[STOP] = 1 if stop.signum else 0
             t1 = time.perf_counter()
             t_compute += t1 - t0
             progress[0], progress[1] = run.step + 1, t_compute  # this rank reached the exchange
-            comm.allreduce_(comm_buf)
+            exchange.wait()
             t2 = time.perf_counter()
             t_allreduce += t2 - t1
-            stop_requested = stats[STOP] > 0
-            run.apply_(grad_flat, float(stats[LOSS]), float(stats[CORRECT]), int(stats[COUNT]),
-                       t0, t1 - t0, t2 - t1)
+            stop_requested = totals[STOP] > 0
+            run.apply_(None if shared else grad_flat, float(totals[LOSS]), float(totals[CORRECT]),
+                       int(totals[COUNT]), t0, t1 - t0, t2 - t1)
             if stop_requested:
                 break
         clean = True
@@ -405,7 +441,12 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
         "allreduce_fraction": t_allreduce / train_seconds if train_seconds > 0 else None,
     })
     summary["wall_seconds"] = time.perf_counter() - wall_start
-    return summary, run.params
+    summary["exchange"] = "shared" if shared else ("allreduce" if world > 1 else None)
+    params = run.params
+    if shared is not None:
+        params = params.copy()
+        shared.close()
+    return summary, params
 
 
 def _bytes(n: float | None) -> str:

@@ -24,6 +24,9 @@ from .model import ACTIVATIONS, LOSSES
 DTYPES = ("float32", "float64")
 
 
+BUCKET_MB = 4.0  # default gradient bucket size (see the README's Benchmarks section)
+
+
 def _opt(help: str, flag: str | None = None, metavar: str | None = None, **kw):
     """Field metadata: the help text, an alternative flag spelling, a metavar."""
     return field(metadata={"help": help, "flag": flag, "metavar": metavar}, **kw)
@@ -78,6 +81,13 @@ class Config:
     # machine
     threads: int | None = _opt("BLAS threads per rank (default: cores on this host / local ranks)",
                                default=None)
+    exchange: str = _opt("mpi: how gradients meet: shared (ranks on one host sum them in a shared "
+                         "memory window, each updating 1/N of the parameters), allreduce (MPI "
+                         "Allreduce in --bucket-mb buckets); auto: shared when every rank is on "
+                         "one host", metavar="{auto,shared,allreduce}", default="auto")
+    bucket_mb: float = _opt("mpi: sum gradients in buckets of about this many MB, each started "
+                            "(non-blocking) as soon as backward has produced it, last layers first; "
+                            "0: one Allreduce after backward", metavar="MB", default=BUCKET_MB)
     # ZeroMQ backend: a coordinator holds the model, workers compute shards
     backend: str = _opt("how gradients meet: mpi (mpirun, or one process) or zmq (a coordinator "
                         "and worker processes)", metavar="{mpi,zmq}", default="mpi")
@@ -296,6 +306,10 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint_every > 0,
          f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
     need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
+    need(cfg.exchange in ("auto", "shared", "allreduce"),
+         f"--exchange {cfg.exchange!r} is not one of: auto, shared, allreduce")
+    need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
+         f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
     need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
     need(cfg.backend in ("mpi", "zmq"), f"--backend {cfg.backend!r} is not one of: mpi, zmq")
     need(cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")

@@ -19,8 +19,13 @@ def relu_(z):
     np.maximum(z, 0, out=z)
 
 
-def relu_derivative_(a, delta):
-    np.multiply(delta, a > 0, out=delta)
+def relu_derivative_(a, delta, scratch=None):
+    """delta ⊙ [a > 0]; `scratch` (delta's shape and dtype) spares a temporary mask."""
+    if scratch is None:
+        np.multiply(delta, a > 0, out=delta)
+        return
+    np.greater(a, 0, out=scratch, casting="unsafe")  # the mask as 0.0/1.0
+    np.multiply(delta, scratch, out=delta)
 
 
 def sigmoid_(z):
@@ -32,7 +37,7 @@ def sigmoid_(z):
         np.reciprocal(z, out=z)
 
 
-def sigmoid_derivative_(a, delta):
+def sigmoid_derivative_(a, delta, scratch=None):
     delta *= a
     delta *= 1 - a
 
@@ -41,7 +46,7 @@ def tanh_(z):
     np.tanh(z, out=z)
 
 
-def tanh_derivative_(a, delta):
+def tanh_derivative_(a, delta, scratch=None):
     delta *= 1 - a * a
 
 
@@ -49,7 +54,7 @@ def identity_(z):
     pass
 
 
-def identity_derivative_(a, delta):
+def identity_derivative_(a, delta, scratch=None):
     pass
 
 
@@ -73,14 +78,27 @@ def log_softmax(z):
 
 
 def cross_entropy_(z, labels):
-    """Sum over samples of -log softmax(z)[label]; z becomes softmax(z) - onehot(label)."""
-    rows = np.arange(len(labels))
-    z -= z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
-    loss_sum = float(log_norm.sum() - z[rows, labels].sum())
-    z -= log_norm
+    """Sum over samples of -log softmax(z)[label]; z becomes softmax(z) - onehot(label).
+
+    Row maxima and sums go through argmax/take and a product with ones: numpy's
+    reductions along a short last axis (10 classes) cost several times more.
+    """
+    n, k = z.shape
+    if not z.flags.c_contiguous:  # the training buffers always are; keep the fallback exact
+        flat = np.ascontiguousarray(z)
+        loss = cross_entropy_(flat, labels)
+        z[...] = flat
+        return loss
+    flat = z.reshape(-1)
+    starts = np.arange(0, n * k, k)
+    z -= flat.take(starts + z.argmax(axis=1))[:, None]      # shift: each row's max is 0
+    at_label = starts + labels
+    label_logits = flat.take(at_label)
     np.exp(z, out=z)
-    z[rows, labels] -= 1
+    norm = z @ np.ones((k, 1), z.dtype)                       # Σ_j exp(z_j), ≥ 1
+    loss_sum = float(np.log(norm).sum(dtype=np.float64) - label_logits.sum(dtype=np.float64))
+    z /= norm
+    flat[at_label] -= 1
     return loss_sum
 
 
@@ -132,6 +150,15 @@ class Layout:
     def size(self) -> int:
         name, offset, shape = self.entries[-1]
         return offset + int(np.prod(shape))
+
+    def layer_spans(self) -> list[tuple[int, int]]:
+        """[lo, hi) of each layer's W and b (contiguous) in the flat buffer."""
+        spans = {}
+        for name, offset, shape in self.entries:
+            i = int(name[1:])
+            lo, hi = spans.get(i, (offset, offset))
+            spans[i] = (min(lo, offset), offset + int(np.prod(shape)))
+        return [spans[i] for i in range(self.n_layers)]
 
     def views(self, flat: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """[(W_i, b_i or None)] as views into `flat` (no copies)."""

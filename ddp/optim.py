@@ -27,25 +27,30 @@ class SGD:
         return 0.5 * self.l2 * sum(float(np.vdot(params[a:b], params[a:b]))
                                    for a, b in self._weight_ranges)
 
-    def step_(self, params: np.ndarray, grad_sum: np.ndarray, n_samples: int) -> None:
+    def step_(self, params: np.ndarray, grad_sum: np.ndarray, n_samples: int, lo: int = 0) -> None:
         """One update from the *sum* of per-sample gradients over `n_samples` samples.
 
         g = grad_sum / n + λ·W;  v ← μ·v + g;  θ ← θ − lr·v   (μ = 0: θ ← θ − lr·g).
-        `grad_sum` is overwritten (it serves as scratch space).
+        `grad_sum` is overwritten (it serves as scratch space). It may cover only
+        the part [lo, lo + len(grad_sum)) of the parameters: that part is updated.
         """
-        g = grad_sum
+        hi = lo + len(grad_sum)
+        g, p = grad_sum, params[lo:hi]
         if not self.momentum and not self.l2:
             g *= self.lr / n_samples          # fold 1/n into the step: two passes in all
-            params -= g
+            p -= g
             return
         g *= 1.0 / n_samples
         if self.l2:
             for a, b in self._weight_ranges:
-                g[a:b] += self.l2 * params[a:b]
+                a, b = max(a, lo), min(b, hi)
+                if a < b:
+                    g[a - lo:b - lo] += self.l2 * params[a:b]
         if self.momentum:
-            self.velocity *= self.momentum
-            self.velocity += g
-            np.multiply(self.velocity, self.lr, out=g)
+            v = self.velocity[lo:hi]
+            v *= self.momentum
+            v += g
+            np.multiply(v, self.lr, out=g)
         else:
             g *= self.lr
-        params -= g
+        p -= g
