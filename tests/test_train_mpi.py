@@ -146,3 +146,34 @@ def test_a_launcher_of_another_mpi_is_detected_instead_of_training_alone(tmp_pat
     assert r.returncode == 2
     assert "different MPI libraries" in one_error_line(r.stderr)
     assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("n,extra", [
+    (2, ["--exchange", "allreduce", "--bucket-mb", "0"]),      # one Allreduce after backward
+    (3, ["--exchange", "allreduce", "--bucket-mb", "0.0001"]),  # a bucket per layer, started in backward
+    (2, ["--exchange", "shared", "--momentum", "0.5"]),         # shared window, momentum state shared too
+    (4, ["--exchange", "shared"]),                              # parts of unequal length over 4 ranks
+])
+def test_every_exchange_gives_the_one_process_parameters(tmp_path, n, extra):
+    ref, _ = _run(tmp_path, "ref", 1, extra[2:])
+    got, s = _run(tmp_path, "got", n, extra)
+    assert s["exchange"] == extra[1] and s["world_size"] == n
+    for k in ("W0", "b0", "W1", "b1", "W2", "b2"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-10, err_msg=k)
+
+
+def test_shared_exchange_checkpoints_and_resumes_exactly(tmp_path):
+    """Parameters and velocity live in the shared window: a resumed run must continue
+    from exactly what rank 0 saved there."""
+    base = ["--data", "spiral", "--samples", "40", "--layers", "2,16,3", "--batch-size", "8",
+            "--dtype", "float64", "--momentum", "0.9", "--checkpoint-every", "5"]
+    whole = train(base + ["--steps", "20", "--output", str(tmp_path / "whole.npz")], n=2)
+    assert whole.returncode == 0, whole.stderr
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    first = train(base + ck + ["--steps", "10"], n=2)
+    assert first.returncode == 0, first.stderr
+    second = train(base + ck + ["--steps", "20", "--output", str(tmp_path / "resumed.npz")], n=2)
+    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr
+    a, b = load_model(tmp_path / "whole.npz"), load_model(tmp_path / "resumed.npz")
+    for k in ("W0", "b0", "W1", "b1"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
