@@ -477,7 +477,7 @@ def summary_text(s: dict) -> str:
     if s.get("backend") == "zmq":
         comm = f"{_bytes(s['bytes_per_step'])} sent+received per step"
     else:
-        comm = f"allreduce {_fmt(s['allreduce_fraction'], '.1%')} of step time"
+        comm = f"exchange {_fmt(s['allreduce_fraction'], '.1%')} of step time"
     return (f"done: {s['steps']} steps on {_who(s)}, loss {s['final_loss']:.4f}{acc}{val}, "
             f"{_fmt(s['samples_per_second'], ',.0f')} samples/s, {comm}, "
             f"wall {s['wall_seconds']:.2f} s")
