@@ -26,7 +26,7 @@ from ddp import checkpoint as ckpt
 from ddp import data as ddata
 from ddp.config import TRAJECTORY_KEYS, Config
 from ddp.errors import DDPError, DivergedError, UsageError
-from ddp.log import Log
+from ddp.log import Log, human_bytes
 from ddp.monitor import Monitor
 from ddp.model import init_params_
 from ddp.optim import SGD
@@ -449,14 +449,6 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     return summary, params
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
 
 def _who(s: dict) -> str:
     n = s["world_size"]
@@ -475,7 +467,7 @@ def summary_text(s: dict) -> str:
         val = f", val loss {s['val_loss']:.4f}" + (
             "" if s["val_accuracy"] is None else f" accuracy {s['val_accuracy']:.4f}")
     if s.get("backend") == "zmq":
-        comm = f"{_bytes(s['bytes_per_step'])} sent+received per step"
+        comm = f"{human_bytes(s['bytes_per_step'])} sent+received per step"
     else:
         comm = f"exchange {_fmt(s['allreduce_fraction'], '.1%')} of step time"
     return (f"done: {s['steps']} steps on {_who(s)}, loss {s['final_loss']:.4f}{acc}{val}, "

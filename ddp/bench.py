@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from . import __version__
 from .benchloops import LR, gemm_flops, parse_layers
 from .errors import UsageError
+from .log import human_bytes
 
 PROG = "ddp-bench"
 PY = sys.executable
@@ -276,7 +277,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every live descendant of pid: mpirun's proxy starts the ranks in sessions of
     their own, so killing mpirun's process group does not reach them."""
     children: dict[int, list[int]] = {}
@@ -321,7 +322,7 @@ def stop_tree(proc: subprocess.Popen, grace: float = 2.0) -> None:
 
 
 def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
-    victims = _descendants(proc.pid)
+    victims = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -331,7 +332,7 @@ def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    victims += _descendants(proc.pid)
+    victims += descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -591,14 +592,6 @@ def _num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
 
 def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
@@ -649,7 +642,7 @@ def format_table(doc: dict) -> str:
                  for c in combos]
         out.append("ddp-train gradient exchange, share of step time: " + "; ".join(parts))
     if "zmq" in shown:
-        parts = [f"{_spec(c['layers'])} ×{c['ranks']} {_bytes(c['programs']['zmq']['bytes_per_step'])}"
+        parts = [f"{_spec(c['layers'])} ×{c['ranks']} {human_bytes(c['programs']['zmq']['bytes_per_step'], '-')}"
                  for c in combos]
         out.append("zmq bytes per step (sent + received by the coordinator): " + "; ".join(parts))
     for note in doc["skipped"].values():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from ddp.bench import descendants  # the test modules import it from here
+
 PY = sys.executable
 BIN = os.path.dirname(PY)
 
@@ -41,26 +43,6 @@ def _env() -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of pid (mpirun's proxy puts ranks in sessions of their own,
-    so a process group does not reach them)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def free_port(host: str = "127.0.0.1") -> int:
