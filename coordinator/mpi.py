@@ -21,28 +21,52 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddp.errors import DDPError, PeerError
+from ddp.threads import host_cores
 
-# Environment variables by which launchers tell a process it is one of several.
+# Environment variables by which MPI launchers tell a process it is one of several.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+# ... and the ranks on this host (Hydra's mpiexec, Open MPI)
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+# MPICH: after this many polls of a busy wait, sched_yield() (read at MPI_Init)
+_MPICH_YIELD = "MPIR_CVAR_POLLS_BEFORE_YIELD"
 
 
-def launched_size() -> int:
-    """World size a launcher announced through the environment (1 if none)."""
-    for var in _LAUNCHER_SIZE_VARS:
-        try:
-            return max(int(os.environ[var]), 1)
-        except (KeyError, ValueError):
-            continue
-    return 1
-
-
-def launched_rank() -> int:
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+def _env_int(names: tuple[str, ...]) -> int | None:
+    for var in names:
         try:
             return int(os.environ[var])
         except (KeyError, ValueError):
             continue
-    return 0
+    return None
+
+
+def srun_tasks() -> int:
+    """Tasks of the Slurm job step this process is one of (1 outside srun).
+
+    SLURM_STEP_NUM_TASKS is set for the tasks srun starts; a batch script itself
+    (step "batch") also sees SLURM_NTASKS and SLURM_PROCID, but it is one process.
+    """
+    if "SLURM_PROCID" not in os.environ:
+        return 1
+    return max(_env_int(("SLURM_STEP_NUM_TASKS",)) or 1, 1)
+
+
+def launched_size() -> int:
+    """World size a launcher announced through the environment (1 if none)."""
+    return max(_env_int(_LAUNCHER_SIZE_VARS) or srun_tasks(), 1)
+
+
+def launched_rank() -> int:
+    rank = _env_int(_LAUNCHER_RANK_VARS)
+    if rank is None and srun_tasks() > 1:
+        rank = _env_int(("SLURM_PROCID",))
+    return rank or 0
+
+
+def launched_local_size() -> int:
+    """Ranks a launcher announced on this host (1 if it did not say)."""
+    return max(_env_int(_LOCAL_SIZE_VARS) or 1, 1)
 
 
 class LocalComm:
@@ -86,6 +110,19 @@ class MPIComm:
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
+        # more ranks than cores on this host: a rank that waits must give its core to
+        # one that computes, instead of spinning in MPICH's progress loop
+        self.oversubscribed = self.local_size > host_cores()
+
+    def wait_(self, requests: list) -> None:
+        """Complete `requests`. A rank that has a core of its own spins (the lowest
+        latency); on an oversubscribed host it yields the core between tests, so that a
+        rank still computing gets it instead of waiting for the scheduler's next tick."""
+        if not self.oversubscribed:
+            self.MPI.Request.Waitall(requests)
+            return
+        while not self.MPI.Request.Testall(requests):
+            os.sched_yield()
 
     def allreduce_(self, buf: np.ndarray, op: str = "sum") -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM if op == "sum" else self.MPI.MAX)
@@ -117,7 +154,7 @@ class MPIComm:
         raise PeerError(int(code[0]))
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self.wait_([self.comm.Ibarrier()])
 
     def rank_reports(self, on_report, start_step: int) -> Reports:
         return RankReports(self, on_report, start_step) if self.world_size > 1 else \
@@ -176,7 +213,8 @@ class BucketExchange(Exchange):
     MPICH advances a non-blocking collective only inside MPI calls."""
 
     def __init__(self, comm: MPIComm, buf: np.ndarray, buckets: list[Bucket]):
-        self.MPI, self.comm = comm.MPI, comm.comm
+        self.MPI, self.comm, self.wait_ = comm.MPI, comm.comm, comm.wait_
+        self.spin = not comm.oversubscribed
         self.views = [buf[b.lo:b.hi] for b in buckets]
         self.start_after = {b.after: k for k, b in enumerate(buckets) if b.after is not None}
         self.pending = []
@@ -189,11 +227,11 @@ class BucketExchange(Exchange):
             self.MPI.Request.Testall(self.pending)
 
     def wait(self) -> None:
-        if not self.pending:
+        if not self.pending and self.spin:
             self.comm.Allreduce(self.MPI.IN_PLACE, self.views[-1], op=self.MPI.SUM)
             return
         self.pending.append(self.comm.Iallreduce(self.MPI.IN_PLACE, self.views[-1], op=self.MPI.SUM))
-        self.MPI.Request.Waitall(self.pending)
+        self.wait_(self.pending)
         self.pending.clear()
 
 
@@ -210,6 +248,7 @@ class SharedExchange(Exchange):
     def __init__(self, comm: MPIComm, size: int, head: int, dtype):
         MPI = comm.MPI
         self.comm, self.rank, self.world = comm.comm, comm.rank, comm.world_size
+        self.barrier = comm.barrier
         dtype = np.dtype(dtype)
         params_size = size - head
         self.head = head
@@ -233,7 +272,7 @@ class SharedExchange(Exchange):
 
     def wait(self) -> None:
         """Every rank's gradients are in its slot; the stats are summed into `totals`."""
-        self.comm.Barrier()
+        self.barrier()
         self.totals[:] = 0
         for slot in self.slots:
             self.totals += slot[:self.head]
@@ -249,7 +288,7 @@ class SharedExchange(Exchange):
         if want_norm:
             self.norms[self.rank] = np.dot(acc, acc)
         opt.step_(self.params, acc, n_samples, lo=self.lo)
-        self.comm.Barrier()
+        self.barrier()
 
     def close(self) -> None:
         self.win_slots.Free()
@@ -360,8 +399,18 @@ def make_comm():
             raise DDPError("started by an MPI launcher but mpi4py is not installed: "
                            "pip install mpi4py (see the README on using a cluster's MPI)")
         return LocalComm()
+    if launched_local_size() > host_cores():
+        # oversubscribed: MPICH's own busy waits yield the core at every poll (read at
+        # MPI_Init, so it must be set before mpi4py initialises MPI; the user's value wins)
+        os.environ.setdefault(_MPICH_YIELD, "1")
     comm = MPIComm()
     announced = launched_size()
+    if comm.world_size == 1 and srun_tasks() > 1 and _env_int(_LAUNCHER_SIZE_VARS) is None:
+        # srun without an MPI plugin starts N copies of a one-rank job: each would train
+        # alone and they would all write the same files
+        raise DDPError(f"srun started {srun_tasks()} tasks but MPI sees a world of 1: srun "
+                       f"needs the MPI plugin of this MPI; use srun --mpi=pmi2 (MPICH, as "
+                       f"installed by pip) or srun --mpi=pmix (Open MPI)")
     if comm.world_size == 1 and announced > 1:
         # e.g. Open MPI's mpirun starting an mpi4py linked to MPICH: every process would
         # train alone and they would all write the same files

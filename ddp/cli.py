@@ -23,6 +23,7 @@ from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputE
                      UsageError)
 from .log import Log
 from .monitor import open_monitor
+from .threads import choose_threads, host_cores, limit_threads
 from .model import forward, loss_sum
 
 TRAIN_DESCRIPTION = """\
@@ -49,24 +50,6 @@ undisturbed run. Takes every training flag of ddp-train.
 Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
 4 cannot write a checkpoint, model or summary; 128+N stopped by signal N
 (checkpoint written, workers told to exit: run the same command to resume)."""
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def limit_threads(threads: int | None, local_ranks: int) -> int:
-    """BLAS threads per rank: --threads, else this host's cores over its ranks (at least 1)."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    n = threads or max(1, _cores() // max(local_ranks, 1))
-    threadpool_limits(limits=n)
-    # report what the BLAS library now says it uses, not what was asked for
-    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    return max(blas) if blas else n
 
 
 def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:
@@ -132,11 +115,11 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         comm.agree(error)
         zmq_workers = 0
         if cfg.backend == "zmq":
-            zmq_workers = cfg.workers if cfg.workers is not None else (0 if serving else _cores())
-            threads = limit_threads(cfg.threads, 1)
-            worker_threads = cfg.threads or max(1, _cores() // max(zmq_workers, 1))
+            zmq_workers = cfg.workers if cfg.workers is not None else (0 if serving else host_cores())
+            threads, _ = limit_threads(cfg.threads, 1, log.warn, noun="coordinator")
+            worker_threads, threads_from, _ = choose_threads(cfg.threads, zmq_workers, noun="worker")
         else:
-            threads = limit_threads(cfg.threads, comm.local_size)
+            threads, threads_from = limit_threads(cfg.threads, comm.local_size, log.warn)
         error, setup, keys = None, None, None
         try:
             if cfg.backend == "zmq":
@@ -151,15 +134,20 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         comm.agree(error)
         if cfg.backend == "zmq":
             who = (f"coordinator with {zmq_workers} local worker{'s' * (zmq_workers != 1)} "
-                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each)"
+                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each: {threads_from})"
                    if zmq_workers else f"coordinator, workers join on {cfg.bind}")
         else:
             who = (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads} BLAS "
-                   f"thread{'s' * (threads > 1)} each")
+                   f"thread{'s' * (threads > 1)} each ({threads_from})")
         log.info(f"{prog}: {who}, {len(setup.train)} training "
                  f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
                  f"{setup.layout.size:,} parameters; resolved config:")
         log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
+        if getattr(comm, "oversubscribed", False):
+            cores = host_cores()
+            log.warn(f"{comm.local_size} ranks share {cores} core{'s' * (cores != 1)} on this host: "
+                     f"a rank that waits yields its core, but every step waits for the slowest "
+                     f"rank; one rank per core (mpirun -n {cores}) is faster")
         if cfg.eval_every and setup.val is None:
             log.warn("--eval-every has no effect without --val-data or --val-fraction")
         if cfg.samples is not None and cfg.data != "spiral":
@@ -219,7 +207,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
 
 def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
     if launched > 1:
-        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun")
+        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
     if prog == "ddp-coordinator" and not cfg.bind:
         raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
     if cfg.workers == 0 and not cfg.bind:
@@ -401,9 +389,9 @@ def run_worker(argv: list[str] | None = None) -> int:
         if args.status:
             print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
             return EXIT_OK
-        limit_threads(args.threads, 1)
-        stop.install()
         log = Log(0, prog, quiet=args.quiet)
+        limit_threads(args.threads, 1, log.warn, noun="worker")
+        stop.install()
         return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
     except KeyboardInterrupt:
         return EXIT_SIGNAL_BASE + 2

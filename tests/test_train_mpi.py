@@ -131,9 +131,11 @@ def test_console_scripts_are_installed_and_run(tmp_path):
 
 def test_blas_threads_split_the_cores_between_local_ranks(tmp_path):
     import os
+    from conftest import _env
     cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in _env().items() if not k.endswith("_NUM_THREADS")}  # else they decide
     for n, extra, expected in ((1, [], cores), (2, [], max(1, cores // 2)), (2, ["--threads", "3"], 3)):
-        r = train(["--steps", "2", "--summary-json", str(tmp_path / "s.json"), *extra], n=n)
+        r = train(["--steps", "2", "--summary-json", str(tmp_path / "s.json"), *extra], n=n, env=env)
         assert r.returncode == 0, r.stderr
         assert read_json(tmp_path / "s.json")["threads_per_rank"] == expected
 

@@ -1,0 +1,122 @@
+"""What users meet first: launchers (srun without an MPI plugin), BLAS threads chosen
+from the flags and the environment, and hosts with more ranks than cores."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import _env, load_model, one_error_line, read_json, run, train, train_cmd
+from ddp.threads import choose_threads, host_cores
+
+# what srun exports to each of the tasks of a job step
+SRUN_TASK = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
+             "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}
+
+
+def _without_threads_env() -> dict:
+    env = _env()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.mark.parametrize("procid", ["0", "1"])
+def test_srun_without_mpi_plugin_refuses_before_writing_anything(tmp_path, procid):
+    """Without --mpi=pmi2 srun starts N one-rank jobs; each must refuse, not train alone."""
+    env = dict(_env(), **SRUN_TASK, SLURM_PROCID=procid)
+    out = ["--checkpoint-dir", str(tmp_path / "ck"), "--output", str(tmp_path / "m.npz"),
+           "--summary-json", str(tmp_path / "s.json"), "--log-jsonl", str(tmp_path / "r.jsonl"),
+           "--steps", "5"]
+    r = run(train_cmd(out), env=env, timeout=60)
+    assert r.returncode == 2, r.stderr
+    if procid == "0":  # one task speaks for the step, as rank 0 would
+        line = one_error_line(r.stderr)
+        assert "srun started 2 tasks" in line and "--mpi=pmi2" in line and "--mpi=pmix" in line
+    else:
+        assert "error" not in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_batch_script_itself_is_one_process_and_trains(tmp_path):
+    """The batch step sees SLURM_NTASKS and SLURM_PROCID too, but srun did not start it."""
+    env = dict(_env(), SLURM_JOB_ID="77", SLURM_NTASKS="8", SLURM_PROCID="0")
+    r = run(train_cmd(["--steps", "5", "--output", str(tmp_path / "m.npz")]), env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.npz").exists()
+
+
+def test_zmq_backend_under_srun_is_refused(tmp_path):
+    env = dict(_env(), **SRUN_TASK, SLURM_PROCID="0")
+    r = run(train_cmd(["--backend", "zmq", "--workers", "1", "--steps", "5"]), env=env, timeout=60)
+    assert r.returncode == 2
+    assert "without mpirun or srun" in one_error_line(r.stderr)
+
+
+@pytest.mark.parametrize("threads,env,local,expected,source", [
+    (3, {"OMP_NUM_THREADS": "1"}, 1, 3, "--threads"),
+    (None, {"OMP_NUM_THREADS": "1"}, 1, 1, "OMP_NUM_THREADS=1"),
+    (None, {"OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "5"}, 4, 2, "OPENBLAS_NUM_THREADS=2"),
+    (None, {"MKL_NUM_THREADS": "5"}, 4, 5, "MKL_NUM_THREADS=5"),
+    (None, {"OMP_NUM_THREADS": "3,1"}, 1, 3, "OMP_NUM_THREADS=3,1"),  # nested levels: the outer one
+    (None, {}, 1, None, "cores ÷ 1 rank on this host"),
+    (None, {"OMP_NUM_THREADS": "zero", "OPENBLAS_NUM_THREADS": "0"}, 2, None, "cores ÷ 2 ranks"),
+])
+def test_thread_count_follows_flag_then_environment_then_cores(threads, env, local, expected, source):
+    n, why, ignored = choose_threads(threads, local, env)
+    assert source in why
+    assert n == (expected if expected is not None else max(1, host_cores() // local))
+    assert len(ignored) == sum(1 for v in env.values() if v in ("zero", "0"))
+
+
+def test_start_up_line_says_which_rule_chose_the_threads(tmp_path):
+    s = tmp_path / "s.json"
+    args = ["--steps", "2", "--summary-json", str(s)]
+    r = run(train_cmd(args), env=dict(_without_threads_env(), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert "1 BLAS thread each (OMP_NUM_THREADS=1)" in r.stderr
+    assert read_json(s)["threads_per_rank"] == 1
+    r = run(train_cmd(args + ["--threads", "2"]), env=dict(_without_threads_env(), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "2 BLAS threads each (--threads)" in r.stderr, r.stderr
+    assert read_json(s)["threads_per_rank"] == 2
+    r = run(train_cmd(args), env=dict(_without_threads_env(), OMP_NUM_THREADS="lots"))
+    assert r.returncode == 0, r.stderr
+    assert "OMP_NUM_THREADS='lots' is not a positive number of threads; ignored" in r.stderr
+    assert f"({host_cores()} cores ÷ 1 rank on this host)" in r.stderr
+    assert read_json(s)["threads_per_rank"] == host_cores()
+
+
+def _pinned(cmd: list[str]) -> list[str]:
+    """Run on one core, so that two ranks oversubscribe whatever the machine."""
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        pytest.skip("no taskset (util-linux) to pin the ranks to one core")
+    return [taskset, "-c", str(min(os.sched_getaffinity(0))), *cmd]
+
+
+@pytest.mark.parametrize("exchange", [["--exchange", "shared"],
+                                      ["--exchange", "allreduce", "--bucket-mb", "0"],
+                                      ["--exchange", "allreduce", "--bucket-mb", "0.0001"]])
+def test_oversubscribed_ranks_warn_once_and_stay_exact(tmp_path, exchange):
+    """Two ranks on one core: rank 0 says so once; ranks that wait yield, and the result
+    is still the one-process result."""
+    base = ["--data", "spiral", "--samples", "30", "--layers", "2,16,3", "--batch-size", "9",
+            "--steps", "30", "--dtype", "float64", "--momentum", "0.5"]
+    ref = run(_pinned(train_cmd(base + ["--output", str(tmp_path / "one.npz")])))
+    assert ref.returncode == 0, ref.stderr
+    assert "share" not in ref.stderr  # one rank on one core is not oversubscribed
+    r = run(_pinned(train_cmd(base + exchange + ["--output", str(tmp_path / "two.npz")], n=2)))
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "ranks share" in ln]
+    assert len(warnings) == 1 and "2 ranks share 1 core on this host" in warnings[0], r.stderr
+    a, b = load_model(tmp_path / "one.npz"), load_model(tmp_path / "two.npz")
+    for k in ("W0", "b0", "W1", "b1"):
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-10, err_msg=k)
+
+
+def test_ranks_with_a_core_each_do_not_warn(tmp_path):
+    if host_cores() < 2:
+        pytest.skip("needs two cores")
+    r = train(["--steps", "5"], n=2)
+    assert r.returncode == 0, r.stderr
+    assert "ranks share" not in r.stderr
