@@ -20,7 +20,7 @@ from . import data as ddata
 from . import __version__
 from .config import Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
-                     UsageError)
+                     UsageError, missing_package)
 from .log import Log
 from .monitor import open_monitor
 from .threads import choose_threads, host_cores, limit_threads
@@ -131,6 +131,10 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
                 monitor = open_monitor(cfg, setup, cfg.backend, log, serving)
         except DDPError as e:
             error = e
+        except ModuleNotFoundError as e:
+            error = missing_package(e)
+            if error is None:
+                raise
         comm.agree(error)
         if cfg.backend == "zmq":
             who = (f"coordinator with {zmq_workers} local worker{'s' * (zmq_workers != 1)} "
@@ -190,7 +194,12 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             monitor.close(code, None)
         comm.abort(code)
         return code
-    except Exception:
+    except Exception as e:
+        missing = missing_package(e)
+        if missing is not None and comm.world_size == 1:
+            _print_error(prog, missing)
+            code = missing.exit_code
+            return code
         traceback.print_exc()
         _print_error(prog, "internal error (the traceback above is a bug report)",
                      comm.rank if comm.world_size > 1 else None)
@@ -315,6 +324,7 @@ def _exit_code(prog: str, e: BaseException) -> int:
     """The exit code of a one-process command that ended with `e` (printed if an error)."""
     if isinstance(e, SystemExit):  # --help, --version
         return int(e.code or 0)
+    e = missing_package(e) or e
     if isinstance(e, DDPError):
         _print_error(prog, e)
         return e.exit_code

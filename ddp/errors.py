@@ -48,3 +48,38 @@ class PeerError(DDPError):
     def __init__(self, exit_code: int):
         super().__init__("")
         self.exit_code = exit_code
+
+
+# the third-party modules ddp-train imports, and the pip package that brings each
+PACKAGES = {"numpy": "numpy", "mpi4py": "mpi4py", "zmq": "pyzmq", "threadpoolctl": "threadpoolctl",
+            "tqdm": "tqdm", "prometheus_client": "prometheus-client", "torch": "torch"}
+
+
+class MissingPackageError(DDPError):
+    """A module that a feature needs is not installed."""
+
+    def __init__(self, module: str, needed_for: str | None = None):
+        package = PACKAGES.get(module, module)
+        what = f"{needed_for} needs the Python package {package}, which" if needed_for \
+            else f"the Python package {package}"
+        super().__init__(f"{what} is not installed: pip install {package}")
+
+
+def missing_package(e: BaseException, needed_for: str | None = None) -> MissingPackageError | None:
+    """The one-line error for an ImportError of one of our dependencies (None for others,
+    which are bugs)."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        if top in PACKAGES:
+            return MissingPackageError(top, needed_for)
+    return None
+
+
+def require(module: str, needed_for: str):
+    """Import `module` now, at start-up, rather than fail after training."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise missing_package(e, needed_for) or MissingPackageError(module, needed_for) from None

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from . import __version__
-from .errors import UsageError
+from .errors import MissingPackageError, UsageError, require
 
 DEFAULT_PORT = 9108
 WINDOW_SECONDS = 1.0        # a history point (and the loss gauges) every second of training
@@ -550,6 +550,15 @@ def open_monitor(cfg, setup, backend: str, log, serving: bool = False) -> Monito
         port = DEFAULT_PORT
     if not (port or cfg.log_jsonl or cfg.pushgateway):
         return None
+    try:
+        if port or cfg.pushgateway:
+            require("prometheus_client", "--pushgateway" if cfg.pushgateway and not port
+                    else "--metrics-port")
+    except MissingPackageError as e:
+        if not implicit or cfg.pushgateway:
+            raise
+        log.warn(f"{e}; serving no metrics")
+        port = None
     monitor = Monitor(backend=backend, total_steps=setup.total_steps, layers=setup.layout.layers,
                       parameters=setup.layout.size, lr=cfg.lr, classify=cfg.loss == "cross-entropy",
                       stall_timeout=cfg.stall_timeout, jsonl=cfg.log_jsonl,

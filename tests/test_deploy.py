@@ -701,10 +701,15 @@ def test_slurm_script_runs(tmp_path):
         pytest.skip("no mpirun/mpiexec found (pip install mpich)")
     fake = tmp_path / "bin"
     fake.mkdir()
+    # srun as Slurm 22.05 behaves with the mpich wheel: --mpi=pmi2 gives one job of 2 ranks;
+    # without a plugin, 2 tasks that each see an MPI world of one
     (fake / "srun").write_text(
-        "#!/bin/bash\n# srun's options are dropped; the command runs on 2 ranks\n"
-        'while [[ "$1" == -* ]]; do shift; done\n'
-        f'exec {shlex.quote(MPIRUN)} -n 2 "$@"\n')
+        "#!/bin/bash\nmpi=none\n"
+        'while [[ "$1" == -* ]]; do [[ "$1" == --mpi=* ]] && mpi=${1#--mpi=}; shift; done\n'
+        'export SLURM_JOB_ID=1 SLURM_STEP_ID=0 SLURM_NTASKS=2 SLURM_STEP_NUM_TASKS=2\n'
+        f'[[ $mpi == pmi2 ]] && exec {shlex.quote(MPIRUN)} -n 2 "$@"\n'
+        'SLURM_PROCID=0 "$@" & a=$!; SLURM_PROCID=1 "$@" & b=$!\n'
+        'wait $a; ra=$?; wait $b; rb=$?; exit $(( ra > rb ? ra : rb ))\n')
     (fake / "srun").chmod(0o755)
     ckpt, port = tmp_path / "run" / "ckpt", free_port()
     env = {**os.environ, "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
@@ -721,6 +726,14 @@ def test_slurm_script_runs(tmp_path):
     events = [json.loads(line) for line in (ckpt / "train.jsonl").read_text().splitlines()]
     assert events and events[-1]["event"] == "end"
     assert any(e["event"] == "step" for e in events)
+
+    # an srun plugin that does not match the MPI: the two tasks refuse, nothing is written
+    other = tmp_path / "other"
+    r = run(["bash", str(SBATCH)], timeout=120, cwd=tmp_path,
+            env={**env, "SRUN_MPI": "pmix", "CKPT_DIR": str(other)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "srun started 2 tasks but MPI sees a world of 1" in r.stderr
+    assert not (other / "summary.json").exists() and not list(other.glob("ckpt-*"))
 
 
 def test_systemd_units_run_together(tmp_path):

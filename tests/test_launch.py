@@ -120,3 +120,61 @@ def test_ranks_with_a_core_each_do_not_warn(tmp_path):
     r = train(["--steps", "5"], n=2)
     assert r.returncode == 0, r.stderr
     assert "ranks share" not in r.stderr
+
+
+# --- a dependency that is not installed (a cluster install that left one out) ----------
+
+def _without(module: str, main: str, args: list[str]) -> list[str]:
+    """Run `main(args)` in a Python where importing `module` fails, as when not installed."""
+    from conftest import PY
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from ddp.cli import {main}; sys.exit({main}({args!r}))")
+    return [PY, "-c", code]
+
+
+@pytest.mark.parametrize("module,main,args,fragment", [
+    ("prometheus_client", "run_train", ["--steps", "3", "--metrics-port", "{port}"],
+     "--metrics-port needs the Python package prometheus-client, which is not installed: "
+     "pip install prometheus-client"),
+    ("prometheus_client", "run_train", ["--steps", "3", "--pushgateway", "http://127.0.0.1:{port}"],
+     "--pushgateway needs the Python package prometheus-client"),
+    ("zmq", "run_train", ["--steps", "3", "--backend", "zmq", "--workers", "1"],
+     "the Python package pyzmq is not installed: pip install pyzmq"),
+    ("zmq", "run_worker", ["--connect", "tcp://127.0.0.1:{port}"], "pip install pyzmq"),
+])
+def test_a_missing_package_is_one_line_before_training(tmp_path, module, main, args, fragment):
+    from conftest import free_port
+    port = str(free_port())
+    args = [a.replace("{port}", port) for a in args] + (
+        ["--output", str(tmp_path / "m.npz")] if main == "run_train" else [])
+    r = run(_without(module, main, args), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert fragment in one_error_line(r.stderr, "ddp-worker" if main == "run_worker" else "ddp-train")
+    assert not (tmp_path / "m.npz").exists()  # refused at start, not after training
+
+
+def test_the_coordinators_default_metrics_port_without_prometheus_client_only_warns(tmp_path):
+    from conftest import free_port
+    args = ["--bind", f"tcp://127.0.0.1:{free_port()}", "--workers", "1", "--steps", "3"]
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+            f"from ddp.cli import run_train; sys.exit(run_train({args!r}, prog='ddp-coordinator'))")
+    from conftest import PY
+    r = run([PY, "-c", code], timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "pip install prometheus-client; serving no metrics" in r.stderr
+
+
+def test_the_cluster_install_line_lists_every_dependency_but_mpi():
+    """README's 'Using a cluster's own MPI' installs the package without its MPI: every
+    other dependency of pyproject.toml must be on that line, and no MPI."""
+    import re
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~; ]", d, maxsplit=1)[0].lower() for d in deps}
+    readme = (root / "README.md").read_text()
+    section = readme.split("### Using a cluster's own MPI", 1)[1].split("\n#", 1)[0]
+    line = next(ln for ln in section.splitlines() if "pip install --no-deps ." in ln)
+    listed = set(line.split("pip install --no-deps . && pip install", 1)[1].split("#")[0].split())
+    assert listed == names - {"mpich", "mpi4py"}, line
