@@ -619,8 +619,9 @@ def format_table(doc: dict) -> str:
     if ones:
         t = ones[0]["threads_per_rank"]
         plural = "s" * (t > 1)
-        header = ["layers", "GEMM GFLOP/step", f"numpy sgemm GFLOP/s ({t} thread{plural})",
-                  "numpy sgemm GFLOP/s (1 thread)"]
+        one_thread = t != 1  # at 1 thread the two sgemm columns would be one twice
+        header = ["layers", "GEMM GFLOP/step", f"numpy sgemm GFLOP/s ({t} thread{plural})"]
+        header += ["numpy sgemm GFLOP/s (1 thread)"] * one_thread
         with_ddp = "ddp" in ones[0]["programs"]
         if with_ddp:
             header += [f"ddp-train GEMM GFLOP/s ({t} thread{plural})", "ddp-train/numpy"]
@@ -630,8 +631,10 @@ def format_table(doc: dict) -> str:
         for c in ones:
             sg = c["programs"]["sgemm"]
             cells = [_spec(c["layers"]), f"{c['gemm_flops_per_step'] / 1e9:.3g}",
-                     _num(sg["flops_per_second"] and sg["flops_per_second"] / 1e9, ".1f"),
-                     _num(sg["flops_per_second_1thread"] and sg["flops_per_second_1thread"] / 1e9, ".1f")]
+                     _num(sg["flops_per_second"] and sg["flops_per_second"] / 1e9, ".1f")]
+            if one_thread:
+                cells.append(_num(sg["flops_per_second_1thread"] and sg["flops_per_second_1thread"] / 1e9,
+                                  ".1f"))
             if with_ddp:
                 dd = c["programs"]["ddp"]["gemm_flops_per_second"]
                 cells += [_num(dd and dd / 1e9, ".1f"), _num(c["ratios"][GEMM_RATIO]["pairwise"], ".2f")]

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 import zipfile
 from dataclasses import dataclass
@@ -35,17 +35,29 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that `path` is either the old file or the complete new one.
+def _create_temporary(directory: str, suffix: str) -> tuple[int, str]:
+    """A new file `.tmp-XXXXXXXX<suffix>` in `directory`, created with the mode any file
+    gets here (0666 less the umask), not mkstemp's private 0600: a model or checkpoint
+    must be readable by whoever may read the directory's other files."""
+    while True:
+        name = os.path.join(directory, f".tmp-{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
 
-    Temporary file in the same directory, fsync, rename over the target, fsync
-    the directory (so the rename itself survives a crash).
+
+def atomic_write(path: str, write, binary: bool = True) -> None:
+    """Write a file so that `path` is either the old file or the complete new one.
+
+    `write(fh)` fills a temporary file in the same directory; then fsync, rename over
+    the target, fsync the directory (so the rename itself survives a crash).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    fd, tmp = _create_temporary(directory, os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -56,6 +68,11 @@ def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz written with atomic_write()."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

@@ -21,10 +21,10 @@ from . import __version__
 from .config import Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError, missing_package)
-from .log import Log
+from .log import Log, stamped
 from .monitor import open_monitor
 from .threads import choose_threads, host_cores, limit_threads
-from .model import forward, loss_sum
+from .model import forward, loss_sum, quiet_float_warnings
 
 TRAIN_DESCRIPTION = """\
 Train a multilayer perceptron with minibatch SGD, data-parallel over the ranks
@@ -54,16 +54,17 @@ Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
 
 def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:
     where = f" (rank {rank})" if rank is not None else ""
-    print(f"{prog}: error{where}: {err}", file=sys.stderr, flush=True)
+    print(stamped(f"{prog}: error{where}: {err}"), file=sys.stderr, flush=True)
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Atomically and durably, as checkpoints are written."""
+    def write(fh):
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
     try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
+        ckpt.atomic_write(path, write, binary=False)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}")
 
@@ -72,6 +73,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     """ddp-train (and ddp-coordinator); returns the exit code. `comm` defaults to MPI
     (a world of one without mpirun); --backend zmq uses no MPI at all."""
     wall_start = time.perf_counter()
+    quiet_float_warnings()
     from coordinator.mpi import LocalComm, launched_rank, launched_size, make_comm
     from coordinator.trainer import StopRequest, summary_text, train
 
@@ -107,7 +109,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             if speaks:
                 _print_error(prog, e)
             return e.exit_code
-    log = Log(comm.rank, prog)
+    log = Log(comm.rank, prog, level="error" if cfg is not None and cfg.quiet else "info")
     stop = StopRequest()
     monitor = summary = None
     code = EXIT_INTERNAL
@@ -177,7 +179,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         return code
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         if comm.rank == 0:
-            print(f"{prog}: interrupted before training started", file=sys.stderr, flush=True)
+            print(stamped(f"{prog}: interrupted before training started"), file=sys.stderr, flush=True)
         code = EXIT_SIGNAL_BASE + 2
         return code
     except DDPError as e:
@@ -237,6 +239,9 @@ cross-entropy, outputs for mse) to --output as .npy.
 Exit codes: 0 done; 1 internal error; 2 bad input; 4 cannot write the output."""
 
 
+DEFAULT_PREDICTIONS = "predictions.npy"
+
+
 def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
     """(X, y or None) for ddp-predict: targets are optional here."""
     training = model_cfg.get("training", {})
@@ -268,6 +273,7 @@ def run_predict(argv: list[str] | None = None) -> int:
     p.add_argument("--output", metavar="PREDS.npy",
                    help="write predictions here (default when the data has no targets: predictions.npy)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
+    quiet_float_warnings()
     try:
         args = p.parse_args(argv)
         if args.batch_size <= 0:
@@ -308,13 +314,22 @@ def run_predict(argv: list[str] | None = None) -> int:
             if cfg["loss"] == "cross-entropy":
                 line += f" accuracy {correct / len(X):.4f}"
             print(line, flush=True)
-        out = args.output or (None if y is not None else "predictions.npy")
+        out = args.output
+        if out is None and y is None:  # nothing else to show: keep them, and say where
+            out = DEFAULT_PREDICTIONS
+            if os.path.exists(out):
+                raise UsageError(f"the data has no targets, so the predictions go to {out}, which "
+                                 f"exists; give --output PATH (an existing file there is replaced)")
         if out:
+            if not out.endswith(".npy"):  # as numpy.save names it
+                out += ".npy"
             try:
-                np.save(out, preds)
+                ckpt.atomic_write(out, lambda fh: np.save(fh, preds))
             except OSError as e:
                 raise OutputError(f"cannot write {out}: {e.strerror or e}")
-            print(f"predictions for {len(X)} samples written to {out}", flush=True)
+            what = "class indices" if cfg["loss"] == "cross-entropy" else "outputs"
+            print(f"predictions ({what}) for {len(X)} samples written to {os.path.abspath(out)}"
+                  + ("" if args.output else " (no --output given)"), flush=True)
         return EXIT_OK
     except BaseException as e:
         return _exit_code(prog, e)
@@ -389,6 +404,7 @@ def run_worker(argv: list[str] | None = None) -> int:
                    help="print the coordinator's status as JSON and exit, instead of joining")
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
     stop = StopRequest()
+    quiet_float_warnings()
     try:
         args = p.parse_args(argv)
         if args.threads is not None and args.threads <= 0:
@@ -399,7 +415,7 @@ def run_worker(argv: list[str] | None = None) -> int:
         if args.status:
             print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
             return EXIT_OK
-        log = Log(0, prog, quiet=args.quiet)
+        log = Log(0, prog, level="warning" if args.quiet else "info")
         limit_threads(args.threads, 1, log.warn, noun="worker")
         stop.install()
         return WorkerService(args.connect, log, stop, keys, args.retry_for).run()

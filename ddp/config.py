@@ -72,6 +72,8 @@ class Config:
                                  default=None)
     progress: str = _opt("progress bar (auto: only when stderr is a terminal)",
                           metavar="{auto,always,never}", default="auto")
+    quiet: bool = _opt("print errors and the final line only (no config, log lines, warnings "
+                       "or progress bar)", default=False)
     # checkpoints
     checkpoint_dir: str | None = _opt("write checkpoints here and resume from the newest valid one",
                                       metavar="DIR", default=None)

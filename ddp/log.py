@@ -1,12 +1,32 @@
-"""Rank 0 speaks: log lines, warnings and the progress bar go to stderr from rank 0 only."""
+"""Rank 0 speaks: log lines, warnings and the progress bar go to stderr from rank 0 only.
+
+Every line starts with the local time in ISO 8601 (milliseconds, UTC offset), so
+that an operator can line a log up with the metrics:
+
+    2026-12-01T22:13:05.123+00:00 step 200/1000 epoch 20 loss 0.4123 ...
+"""
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+
+LEVELS = ("info", "warning", "error")  # what a Log shows at least: everything, ..., errors only
+
+
+def timestamp() -> str:
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def stamped(msg: str) -> str:
+    """`msg` behind the current time; the lines after its first are its continuation."""
+    return f"{timestamp()} {msg}"
 
 
 class Log:
-    def __init__(self, rank: int = 0, prog: str = "ddp-train", stream=None, quiet: bool = False):
-        self.rank, self.prog, self.quiet = rank, prog, quiet
+    def __init__(self, rank: int = 0, prog: str = "ddp-train", stream=None, level: str = "info"):
+        assert level in LEVELS, level
+        self.rank, self.prog = rank, prog
+        self.level = LEVELS.index(level)
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
 
@@ -14,19 +34,23 @@ class Log:
     def speaks(self) -> bool:
         return self.rank == 0
 
+    @property
+    def quiet(self) -> bool:
+        return self.level > 0
+
     def info(self, msg: str) -> None:
-        if self.speaks and not self.quiet:
+        if self.speaks and self.level == 0:
             self._write(msg)
 
     def warn(self, msg: str) -> None:
-        if self.speaks:
+        if self.speaks and self.level <= 1:
             self._write(f"{self.prog}: warning: {msg}")
 
     def _write(self, msg: str) -> None:
         if self.bar is not None:
-            self.bar.write(msg, file=self.stream)
+            self.bar.write(stamped(msg), file=self.stream)
         else:
-            print(msg, file=self.stream, flush=True)
+            print(stamped(msg), file=self.stream, flush=True)
 
     # --- progress bar (tqdm, rank 0, only when asked or on a terminal) -----
 
@@ -34,17 +58,17 @@ class Log:
         if not self.speaks:
             return
         on_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if self.quiet:
+            return
         if mode == "always" or (mode == "auto" and on_terminal):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=self.stream,
                             dynamic_ncols=True, leave=True)
 
-    def advance(self, postfix: str | None = None) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if postfix is not None:
-                self.bar.set_postfix_str(postfix, refresh=False)
 
     @property
     def has_bar(self) -> bool:

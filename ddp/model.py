@@ -19,6 +19,13 @@ def relu_(z):
     np.maximum(z, 0, out=z)
 
 
+def quiet_float_warnings() -> None:
+    """No numpy RuntimeWarning on overflow or NaN in this thread. A diverging run is
+    stopped by the project's own checks (the loss, the summed gradients), which name the
+    step; numpy's warnings would only crowd the log before them."""
+    np.seterr(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+
+
 def relu_derivative_(a, delta, scratch=None):
     """delta ⊙ [a > 0]; `scratch` (delta's shape and dtype) spares a temporary mask."""
     if scratch is None:

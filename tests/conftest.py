@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from ddp.bench import descendants  # the test modules import it from here
+import psutil
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -50,6 +51,57 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# --- processes (psutil, not /proc by hand) ------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid (mpirun's proxy starts the ranks in sessions of their
+    own, so killing mpirun's process group does not reach them)."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """pid runs (a zombie that its parent has not reaped yet does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def rank_pids(root: int) -> dict[int, int]:
+    """{rank: pid} of the ddp ranks below `root` (mpirun): their environment says PMI_RANK."""
+    ranks = {}
+    for pid in descendants(root):
+        try:
+            proc = psutil.Process(pid)
+            env, cmd = proc.environ(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "PMI_RANK" in env and "ddp" in cmd and "hydra" not in cmd:
+            ranks[int(env["PMI_RANK"])] = pid
+    return ranks
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Command lines of live ddp processes (other than this one) that mention `marker`."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] != os.getpid() and marker in cmdline and "ddp" in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return None
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -108,10 +160,21 @@ def read_json(path) -> dict:
         return json.load(fh)
 
 
+# the time every log line starts with (ddp.log.stamped)
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")
+
+
+def unstamped(line: str) -> str:
+    """A log line without its leading time."""
+    return STAMP.sub("", line, count=1)
+
+
 def one_error_line(stderr: str, prog: str = "ddp-train") -> str:
-    """The single error line; fails if there is a traceback or more than one error."""
+    """The single error line (without its time); fails if there is a traceback or more
+    than one error."""
     assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.startswith(f"{prog}: error")]
+    lines = [unstamped(ln) for ln in stderr.splitlines()]
+    lines = [ln for ln in lines if ln.startswith(f"{prog}: error")]
     assert len(lines) == 1, f"expected exactly one error line, got:\n{stderr}"
     return lines[0]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
 import signal
 import statistics
@@ -21,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BIN, MPIRUN, PY, kill_tree, one_error_line, run
+from conftest import BIN, MPIRUN, PY, kill_tree, one_error_line, processes_mentioning, run
 from ddp import bench
 from ddp.benchloops import gemm_flops, grad_sums_, he_init_, layer_views, n_parameters, step_gemms
 
@@ -42,17 +41,7 @@ def cells(row: str) -> list[str]:
 
 def leftovers(marker: str) -> list[str]:
     """Command lines of live processes that mention `marker` (bench runs left behind)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline and "ddp" in cmdline:
-                found.append(cmdline)
-    return found
+    return processes_mentioning(marker)
 
 
 def wait_gone(marker: str, seconds: float = 5.0) -> list[str]:
@@ -312,6 +301,19 @@ def test_lean_gradients_are_exact_sums():
         grad_sums_(layer_views(flat, layers), layer_views(g, layers), X[rows], y[rows])
         parts += g
     np.testing.assert_allclose(parts, grads, rtol=1e-12, atol=1e-12)
+
+
+@needs_mpi
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_gemm_table_names_each_sgemm_column_once(threads):
+    r = run(bench_cmd("--ranks", "1", "--repeats", "1", "--programs", "sgemm", "--threads", threads),
+            timeout=60)
+    assert r.returncode == 0, r.stderr
+    header = cells(next(ln for ln in r.stdout.splitlines() if ln.startswith("| layers | GEMM")))
+    sgemm = [h for h in header if h.startswith("numpy sgemm")]
+    assert len(sgemm) == len(set(sgemm)) == (1 if threads == "1" else 2), header
+    row = cells(next(ln for ln in r.stdout.splitlines() if ln.startswith("| 16,8,4 | 2.25e-05 |")))
+    assert len(row) == len(header)
 
 
 @needs_mpi

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import _env, descendants, kill_tree, load_model, one_error_line, train, train_cmd
+from conftest import (_env, alive, kill_tree, load_model, one_error_line, rank_pids, train,
+                      train_cmd, unstamped)
 from ddp import checkpoint as ckpt
 from ddp.model import Layout
 
@@ -90,17 +91,9 @@ def test_nan_loss_stops_every_rank_naming_the_step_and_keeps_the_last_good_check
 
 
 def _pids_of_rank(root: int, rank: int) -> list[int]:
-    """The rank's python process among root's descendants (its environment says PMI_RANK)."""
-    found = []
-    for pid in descendants(root):
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if f"PMI_RANK={rank}".encode() in env and b"ddp" in cmd and b"hydra" not in cmd:
-            found.append(pid)
-    return found
+    """The rank's python process among root's descendants."""
+    pid = rank_pids(root).get(rank)
+    return [] if pid is None else [pid]
 
 
 @pytest.mark.parametrize("target,sig", [("mpirun", signal.SIGTERM), ("rank0", signal.SIGINT)])
@@ -114,7 +107,7 @@ def test_signal_checkpoints_exits_cleanly_and_the_same_command_resumes(tmp_path,
     try:
         deadline = time.monotonic() + 60
         for line in proc.stderr:  # wait until training is under way
-            if line.startswith("step 20/") or time.monotonic() > deadline:
+            if unstamped(line).startswith("step 20/") or time.monotonic() > deadline:
                 break
         if target == "mpirun":
             proc.send_signal(sig)
@@ -163,7 +156,7 @@ def test_a_rank_killed_mid_run_ends_the_whole_job(tmp_path):
                             text=True, start_new_session=True, env=_env(), stdin=subprocess.DEVNULL)
     try:
         for line in proc.stderr:
-            if line.startswith("step 20/"):
+            if unstamped(line).startswith("step 20/"):
                 break
         ranks = [p for r in (0, 1, 2) for p in _pids_of_rank(proc.pid, r)]
         assert len(ranks) == 3
@@ -172,8 +165,7 @@ def test_a_rank_killed_mid_run_ends_the_whole_job(tmp_path):
         proc.wait(timeout=60)  # no rank is left waiting in the Allreduce
         assert proc.returncode != 0
         time.sleep(0.5)
-        assert not [p for p in ranks if os.path.exists(f"/proc/{p}") and
-                    open(f"/proc/{p}/stat").read().split(")")[1].split()[0] != "Z"]
+        assert not [p for p in ranks if alive(p)]
     finally:
         if proc.poll() is None:
             kill_tree(proc)

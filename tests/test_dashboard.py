@@ -166,6 +166,16 @@ return {
 };
 """
 
+# the page's lag rule on made-up workers, at 2,000 steps/s with the newest at step 10,000
+LAG_CASES = """
+const lag = (last_step, since) => window.ddpDashboard.lagOf(
+    {last_step: last_step, seconds_since_report: since}, 10000, 2000);
+return {cadence: lag(8500, 0.4),   // 1,500 behind: within two report intervals
+        behind: lag(5000, 0.4),    // reporting, but far behind
+        overdue: lag(9997, 5),     // reports stopped: every step of the lag counts
+        unknown: lag(null, 0.4), ahead: lag(10001, 0.1)};
+"""
+
 REQUESTS = """
 return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)];
 """
@@ -222,6 +232,10 @@ def test_dashboard_during_a_run(tmp_path, procs, browser):  # noqa: F811 (procs 
     names = sorted(row[0] for row in page["workers"])
     assert names == ["rank-0", "rank-1"], page["workers"]
     assert all(row[1] == "active" for row in page["workers"]), page["workers"]
+    # healthy ranks trail each other only by their reports' cadence: no lag is shown
+    assert [row[3] for row in page["workers"]] == ["0", "0"], page["workers"]
+    lag = browser.js(LAG_CASES)
+    assert lag == {"cadence": 0, "behind": 5000, "overdue": 3, "unknown": None, "ahead": 0}, lag
 
     # every request the page made went to the run's server: the resource timing entries
     # (page, assets, polls) and chromium's own network log

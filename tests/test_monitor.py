@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MPIRUN, descendants, free_port, kill_tree, one_error_line, train, train_cmd
+from conftest import MPIRUN, free_port, rank_pids, kill_tree, one_error_line, train, train_cmd
 from ddp.monitor import BUCKETS, REJECT_REASONS, STATES, Monitor
 from zmq_helpers import procs  # noqa: F401 (fixture)
 
@@ -294,15 +294,7 @@ def test_a_hung_rank_is_named(tmp_path, procs):
     run = procs.start(train_cmd([*RUN, "--steps", "100000", "--metrics-port", str(port),
                                  "--stall-timeout", "2"], n=3), cwd=tmp_path)
     poll(lambda: value(scrape(port), "ddp_worker_last_step", worker="rank-2") > 5, 90, "rank 2 reporting")
-    ranks = {}
-    for pid in descendants(run.pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if b"PMI_RANK" in env and b"ddp" in open(f"/proc/{pid}/cmdline", "rb").read():
-            ranks[int(env[b"PMI_RANK"])] = pid
+    ranks = rank_pids(run.pid)
     assert sorted(ranks) == [0, 1, 2]
     os.kill(ranks[2], signal.SIGSTOP)
     try:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MPIRUN, PY, descendants, one_error_line, read_json, run, train
+from conftest import MPIRUN, PY, alive, descendants, one_error_line, read_json, run, train
 from zmq_helpers import SMALL, ipc, max_param_diff, procs  # noqa: F401, F811 (a fixture)
 
 ATOL = 1e-10
@@ -179,7 +179,7 @@ def test_embedded_ctrl_c_cleans_up_and_resumes(tmp_path, procs, reference):
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
     assert p.wait(60) == 130, p.stderr
     assert "interrupted by SIGINT" in p.stderr and not out.exists()
-    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not [pid for pid in children if alive(pid)]
     r = run(cmd, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr
@@ -194,17 +194,9 @@ def test_embedded_workers_die_with_a_killed_parent(tmp_path, procs):
     assert len(children) == 2
     os.kill(p.pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and [c for c in children if _alive(c)]:
+    while time.monotonic() < deadline and [c for c in children if alive(c)]:
         time.sleep(0.1)
-    assert not [c for c in children if _alive(c)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [c for c in children if alive(c)]
 
 
 def test_hung_worker_times_out_then_rejoins(tmp_path, procs, reference):

@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import read_json, train
+from conftest import read_json, rss_mb, train
 from ddp import protocol
 from ddp.model import Layout
 from zmq_helpers import SMALL, ipc, max_param_diff, procs  # noqa: F401, F811 (a fixture)
@@ -36,17 +36,6 @@ OTHER_JOB = "f" * 16
 
 
 # --- small tools ------------------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class RssSampler(threading.Thread):

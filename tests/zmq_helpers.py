@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PY, _env, kill_tree
+from conftest import PY, _env, kill_tree, unstamped
 
 # a model big enough that a run lasts a while, small enough for 2 cores
 SMALL = ["--dtype", "float64", "--layers", "2,256,256,3", "--batch-size", "64", "--lr", "0.05",
@@ -28,15 +28,17 @@ class Proc:
                                   stdin=subprocess.DEVNULL)
         self.lines: list[str] = []
         self.out: list[str] = []
-        self._threads = [threading.Thread(target=self._pump, args=(self.p.stderr, self.lines), daemon=True),
+        self._threads = [threading.Thread(target=self._pump, args=(self.p.stderr, self.lines, unstamped),
+                                          daemon=True),
                          threading.Thread(target=self._pump, args=(self.p.stdout, self.out), daemon=True)]
         for t in self._threads:
             t.start()
 
     @staticmethod
-    def _pump(stream, sink):
+    def _pump(stream, sink, clean=lambda line: line):
+        """Collect lines; stderr's without the time each log line starts with."""
         for line in stream:
-            sink.append(line.rstrip("\n"))
+            sink.append(clean(line.rstrip("\n")))
 
     @property
     def pid(self) -> int:

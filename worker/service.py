@@ -26,6 +26,7 @@ from ddp.config import config_from_job
 from ddp.setup import prepare
 from ddp.errors import DDPError, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_UNREACHABLE, UsageError
 from ddp.log import Log
+from ddp.model import quiet_float_warnings
 from ddp.protocol import ProtocolError
 from ddp.signals import StopRequest
 
@@ -112,6 +113,7 @@ class ComputeThread(threading.Thread):
         self.scratch = np.empty(job.layout.size, job.dtype)
 
     def run(self) -> None:
+        quiet_float_warnings()  # per thread: numpy's error state is thread-local
         wake = self.ctx.socket(zmq.PAIR)
         wake.connect(self.wake_endpoint)
         try:

@@ -19,6 +19,8 @@
   var CHART_HEIGHT = 210;
   var STALL_WARN_S = 30;
   var STALE_REPORT_S = 10;
+  var REPORT_EVERY_S = 0.5;     // MPI ranks report twice a second (ZeroMQ workers every step)
+  var REPORT_OVERDUE_S = 2;     // four reports missed: the worker's step is worth showing
   var TERMINAL = { done: true, interrupted: true, failed: true };
 
   var COLORS = {
@@ -402,18 +404,37 @@
     setText("s-eta", S.connected && !TERMINAL[S.state] ? eta(st) : "–");
   }
 
-  // remaining time from the step rate over the last ~30 s of train points
-  function eta(st) {
+  // steps per second over the last ~30 s of train points (null before two points)
+  function stepRate() {
     var T = S.train;
-    if (T.length < 2 || !isNum(st.step) || !isNum(st.total_steps)) return "–";
+    if (T.length < 2) return null;
     var last = T[T.length - 1], first = last;
     for (var i = T.length - 2; i >= 0; i--) {
       first = T[i];
       if (last.t - first.t >= 30) break;
     }
     var dt = last.t - first.t, ds = last.step - first.step;
-    if (!(dt > 0) || !(ds > 0)) return "–";
-    return fmtDuration(Math.max(0, st.total_steps - st.step) / (ds / dt));
+    return dt > 0 && ds > 0 ? ds / dt : null;
+  }
+
+  // remaining time from the step rate
+  function eta(st) {
+    var rate = stepRate();
+    if (!rate || !isNum(st.step) || !isNum(st.total_steps)) return "–";
+    return fmtDuration(Math.max(0, st.total_steps - st.step) / rate);
+  }
+
+  // How far a worker is behind the newest report, when that means something. Ranks report
+  // every REPORT_EVERY_S (a report is skipped while the last is still on its way), so a
+  // healthy one trails the newest by what the run does in up to two intervals (2,000 steps
+  // at 2,000 steps/s): that is shown as 0. Shown as a number: a lag beyond it, or any lag
+  // once the worker's reports are overdue. null: nothing known.
+  function lagOf(w, newest, rate) {
+    if (!isNum(w.last_step) || !isFinite(newest)) return null;
+    var lag = Math.max(0, newest - w.last_step);
+    var overdue = isNum(w.seconds_since_report) && w.seconds_since_report > REPORT_OVERDUE_S;
+    var cadence = 1 + (isNum(rate) ? rate * 2 * REPORT_EVERY_S : 0);
+    return overdue || lag > cadence ? lag : 0;
   }
 
   function renderWorkers() {
@@ -434,8 +455,9 @@
       list = list.slice().sort(function (a, b) {
         return String(a.name).localeCompare(String(b.name), "en", { numeric: true });
       });
+      var rate = stepRate();
       list.forEach(function (w) {
-        var lag = isNum(w.last_step) && isFinite(newest) ? newest - w.last_step : null;
+        var lag = lagOf(w, newest, rate);
         var tr = document.createElement("tr");
         // reports come every fraction of a second, so a small lag is their cadence; a
         // report older than STALE_REPORT_S from an active worker is worth a look
@@ -612,6 +634,7 @@
 
   window.ddpDashboard = {
     charts: charts,
+    lagOf: lagOf,
     points: function () { return { train: S.train.length, val: S.val.length }; },
     state: function () { return S.state; },
     status: function () { return S.status; },
