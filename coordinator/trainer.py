@@ -237,13 +237,18 @@ class Run:
         return time.perf_counter() - self.t_loop - self.t_eval
 
     def check_loss(self, loss_sum: float, n_samples: int) -> None:
+        """Stop every rank alike (the sums are the same everywhere) on a NaN/Inf batch loss
+        or one above --max-loss, before the step is applied."""
         batch_loss = loss_sum / n_samples
-        if not math.isfinite(batch_loss):
-            kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
-                if self.last_checkpoint is not None else ""
-            raise DivergedError(
-                f"loss became {batch_loss} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
-                f"lower --lr or check the data{kept}")
+        limit = self.cfg.max_loss
+        if math.isfinite(batch_loss) and (limit is None or batch_loss <= limit):
+            return
+        kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
+            if self.last_checkpoint is not None else ""
+        what = f"loss became {batch_loss}" if not math.isfinite(batch_loss) else \
+            f"loss {batch_loss:.6g} exceeded --max-loss {limit:g}"
+        raise DivergedError(f"{what} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
+                            f"lower --lr or check the data{kept}")
 
     def apply_(self, grad_sum: np.ndarray, loss_sum: float, correct: float, n_samples: int,
                started: float, t_compute: float, t_exchange: float) -> None:
@@ -371,6 +376,10 @@ class Run:
             if self.rank == 0 and cfg.output:
                 ckpt.save_model(cfg.output, self.layout, self.params, model_config(self.setup))
                 self.log.info(f"model written to {cfg.output}")
+            if stop.signum:  # the run was complete: nothing to resume, so it exits 0
+                self.log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: "
+                              f"the run finished its evaluation{' and model' * bool(cfg.output)} "
+                              f"and exits 0")
         summary = {
             "steps": step,
             "total_steps": total,
