@@ -84,8 +84,6 @@ def test_a_checkpoint_of_other_data_under_the_same_path_is_refused(tmp_path):
     _npz_data(data, seed=1)
     args = SMALL + ["--data", str(data), "--checkpoint-dir", str(d)]
     assert train(args + ["--steps", "20"]).returncode == 0
-    meta = ckpt.read_checkpoint(ckpt.checkpoint_path(str(d), 20)).meta
-    assert isinstance(meta["data_fingerprint"], str) and len(meta["data_fingerprint"]) == 32
     _npz_data(data, seed=2)  # same path, same shapes, other samples
     r = train(args + ["--steps", "30"])
     assert r.returncode == 2, r.stderr
@@ -93,6 +91,8 @@ def test_a_checkpoint_of_other_data_under_the_same_path_is_refused(tmp_path):
     assert "written by a different run" in line and "data fingerprint" in line
     assert "--no-resume" in line and "ckpt-00000020.npz" in line
     assert "resuming" not in r.stderr and "step 1/" not in r.stderr
+    meta = ckpt.read_checkpoint(ckpt.checkpoint_path(str(d), 20)).meta
+    assert isinstance(meta["data_fingerprint"], str) and len(meta["data_fingerprint"]) == 32
 
 
 def test_an_old_checkpoint_without_a_fingerprint_resumes_with_a_warning(tmp_path):
