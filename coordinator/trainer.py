@@ -50,7 +50,8 @@ def model_config(setup: Setup) -> dict:
     return out
 
 
-def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, log: Log) -> None:
+def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fingerprint: str,
+                     log: Log) -> None:
     saved_cfg, path = found.meta.get("config", {}), found.path
     now = cfg.to_dict()
     differ = [k for k in TRAJECTORY_KEYS if saved_cfg.get(k) != now.get(k)]
@@ -58,6 +59,16 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, lo
         detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}" for k in differ)
         raise UsageError(f"checkpoint {path} was written by a different run ({detail}); "
                          f"use another --checkpoint-dir or --no-resume to start over")
+    saved_fp = found.meta.get("data_fingerprint")
+    if saved_fp is None:  # written before checkpoints carried it: a refusal would strand the run
+        log.warn(f"checkpoint {path} has no data fingerprint (an older ddp-train wrote it): "
+                 f"resuming without checking that --data {cfg.data} still holds the same "
+                 f"samples; use --no-resume if it changed")
+    elif saved_fp != fingerprint:
+        raise UsageError(f"checkpoint {path} was written by a different run (the samples of "
+                         f"--data {cfg.data} differ: data fingerprint {saved_fp!r} → "
+                         f"{fingerprint!r}); use another --checkpoint-dir or --no-resume to "
+                         f"start over")
     if found.params.shape != params.shape or found.params.dtype != params.dtype:
         raise UsageError(f"checkpoint {path} holds {found.params.dtype}[{found.params.size}] "
                          f"parameters, this model has {params.dtype}[{params.size}]; use another "
@@ -85,9 +96,35 @@ def check_writable(cfg: Config) -> None:
             raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
+def _resume_or_start_over(setup: Setup, series: ckpt.Series, log: Log,
+                          params: np.ndarray) -> ckpt.Checkpoint | None:
+    """Rank 0, with --checkpoint-dir: the checkpoint to resume (checked against this run),
+    or None after setting aside whatever the directory holds (--no-resume, or nothing in it
+    verifies), so that every checkpoint left there from now on is this run's."""
+    cfg = setup.cfg
+    stale = ckpt.remove_stale_temporaries(cfg.checkpoint_dir)
+    if stale:
+        log.info(f"removed {len(stale)} temporary file{'s' * (len(stale) > 1)} that an "
+                 f"interrupted checkpoint write left in {cfg.checkpoint_dir}")
+    fingerprint = setup.fingerprint()  # hashed once; the checkpoints' meta and ZeroMQ reuse it
+    found = ckpt.latest_checkpoint(cfg.checkpoint_dir, log.warn) if cfg.resume else None
+    if found is not None:
+        _check_resumable(found, cfg, params, fingerprint, log)
+        series.continue_from(found)
+        return found
+    aside = series.set_aside()
+    if aside is not None:
+        where, steps = aside
+        why = "--no-resume" if not cfg.resume else "none of them could be resumed"
+        log.info(f"{why}: moved {len(steps)} earlier checkpoint{'s' * (len(steps) > 1)} "
+                 f"(steps {steps[0]}–{steps[-1]}) to {where}; this run starts over")
+    return None
+
+
 def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD,
-                  shared: bool = False) -> int:
-    """Fill params/velocity on every rank from a checkpoint, --init or the seed; return the step."""
+                  shared: bool = False, series: ckpt.Series | None = None) -> int:
+    """Fill params/velocity on every rank from a checkpoint, --init or the seed; return the step.
+    `series` (rank 0, with --checkpoint-dir) learns which checkpoints the run may prune."""
     cfg = setup.cfg
     step = np.zeros(1, dtype=np.int64)
     error = None
@@ -95,10 +132,10 @@ def initial_state(setup: Setup, comm, log: Log, params: np.ndarray, opt: SGD,
         try:
             check_writable(cfg)
             found = None
-            if cfg.checkpoint_dir and cfg.resume:
-                found = ckpt.latest_checkpoint(cfg.checkpoint_dir, log.warn)
+            if cfg.checkpoint_dir:
+                found = _resume_or_start_over(setup, series or ckpt.Series(cfg.checkpoint_dir),
+                                              log, params)
             if found is not None:
-                _check_resumable(found, cfg, params, log)
                 params[...], opt.velocity[...] = found.params, found.velocity
                 step[0] = found.step
                 log.info(f"resuming from {found.path} at step {found.step}")
@@ -167,8 +204,9 @@ class Run:
         else:
             self.params = np.empty(layout.size, dtype=self.dtype)
         self.params_views = layout.views(self.params)
+        self.series = ckpt.Series(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.step = self.start_step = initial_state(setup, comm, log, self.params, self.opt,
-                                                    shared is not None)
+                                                    shared is not None, self.series)
         self.total = setup.total_steps
         self.spe = setup.schedule.steps_per_epoch
         self.log_every = cfg.log_every or max(1, (self.total - self.start_step) // 20)
@@ -199,13 +237,18 @@ class Run:
         return time.perf_counter() - self.t_loop - self.t_eval
 
     def check_loss(self, loss_sum: float, n_samples: int) -> None:
+        """Stop every rank alike (the sums are the same everywhere) on a NaN/Inf batch loss
+        or one above --max-loss, before the step is applied."""
         batch_loss = loss_sum / n_samples
-        if not math.isfinite(batch_loss):
-            kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
-                if self.last_checkpoint is not None else ""
-            raise DivergedError(
-                f"loss became {batch_loss} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
-                f"lower --lr or check the data{kept}")
+        limit = self.cfg.max_loss
+        if math.isfinite(batch_loss) and (limit is None or batch_loss <= limit):
+            return
+        kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
+            if self.last_checkpoint is not None else ""
+        what = f"loss became {batch_loss}" if not math.isfinite(batch_loss) else \
+            f"loss {batch_loss:.6g} exceeded --max-loss {limit:g}"
+        raise DivergedError(f"{what} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
+                            f"lower --lr or check the data{kept}")
 
     def apply_(self, grad_sum: np.ndarray, loss_sum: float, correct: float, n_samples: int,
                started: float, t_compute: float, t_exchange: float) -> None:
@@ -289,14 +332,13 @@ class Run:
     def meta(self) -> dict:
         epoch, k = divmod(self.step, self.spe)
         return {"epoch": epoch, "batch_in_epoch": k, "world_size": self.world_size,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "data_fingerprint": self.setup.fingerprint()}
 
     def write_checkpoint(self) -> None:
         if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
             self.last_checkpoint = self.step
             self._set_state("checkpointing")
-            path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.params,
-                                        self.opt.velocity, self.meta())
+            path = self.series.save(self.step, self.params, self.opt.velocity, self.meta())
             self.log.info(f"checkpoint {path}")
             if self.monitor is not None:
                 self.monitor.checkpointed(self.step, path)
@@ -334,6 +376,10 @@ class Run:
             if self.rank == 0 and cfg.output:
                 ckpt.save_model(cfg.output, self.layout, self.params, model_config(self.setup))
                 self.log.info(f"model written to {cfg.output}")
+            if stop.signum:  # the run was complete: nothing to resume, so it exits 0
+                self.log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: "
+                              f"the run finished its evaluation{' and model' * bool(cfg.output)} "
+                              f"and exits 0")
         summary = {
             "steps": step,
             "total_steps": total,

@@ -7,14 +7,15 @@ JSON `config` string, so it is usable on its own. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 import time
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +26,10 @@ CHECKPOINT_FORMAT = "ddp-train-checkpoint/1"
 MODEL_FORMAT = "ddp-train-model/1"
 KEEP_CHECKPOINTS = 3
 _NAME = re.compile(r"^ckpt-(\d{8,})\.npz$")
+# exactly what atomic_write creates for an .npz: its prefix, 8 random characters, its suffix
+_TMP_NAME = re.compile(r"^\.tmp-[a-z0-9_]{8}\.npz$")
+# a temporary file younger than this may be one another process is about to rename
+STALE_TMP_SECONDS = 60
 
 
 def _fsync_dir(directory: str) -> None:
@@ -56,6 +61,9 @@ def atomic_write(path: str, write, binary: bool = True) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temporary(directory, os.path.splitext(path)[1])
     try:
+        # held while it is written: a starting run's cleanup (remove_stale_temporaries)
+        # tells a live write from the remains of a killed one by this lock
+        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
             fh.flush()
@@ -76,9 +84,47 @@ def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing object arrays (no pickles)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """All arrays of an .npz, refusing object arrays (no pickles). Any failure, whatever
+    zipfile or numpy raise for a hostile file (an unsupported compression method, the
+    encryption flag, a header claiming terabytes...), becomes ValueError saying why."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 (the file is untrusted input: every failure is "unreadable")
+        raise ValueError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+
+
+def remove_stale_temporaries(directory: str, min_age: float = STALE_TMP_SECONDS) -> list[str]:
+    """Delete the temporary files a killed atomic_savez left in `directory`; their paths.
+
+    Only regular files named exactly as atomic_savez names them, untouched for `min_age`
+    seconds and not locked by a writer (atomic_savez holds an flock while it writes), so
+    another process's checkpoint in progress, and every file of another naming, survive.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in names:
+        if not _TMP_NAME.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
+                os.unlink(path)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 # --- checkpoints ----------------------------------------------------------------
@@ -118,7 +164,8 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.ndarray,
-                    meta: dict, keep: int = KEEP_CHECKPOINTS) -> str:
+                    meta: dict) -> str:
+    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series)."""
     meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time())
     meta_json = json.dumps(meta, sort_keys=True)
     path = checkpoint_path(directory, step)
@@ -128,11 +175,70 @@ def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.
             "params": params, "velocity": velocity, "meta": np.array(meta_json),
             "checksum": np.array(_checksum(params, velocity, meta_json)),
         })
-        for _, old in list_checkpoints(directory)[keep:]:
-            os.unlink(old)
     except OSError as e:
         raise OutputError(f"cannot write checkpoint {path}: {e.strerror or e}")
     return path
+
+
+@dataclass
+class Series:
+    """The checkpoints of one run in its directory.
+
+    Pruning deletes only what this run wrote, or, when it resumed, the checkpoints of
+    the run it continues (those up to the step it resumed from): a run never deletes
+    another run's work. A run that starts over sets the directory's checkpoints aside
+    first (`set_aside`), so the newest checkpoint there is always its own.
+    """
+
+    directory: str
+    keep: int = KEEP_CHECKPOINTS
+    owned: list = field(default_factory=list)  # paths, oldest first
+
+    def continue_from(self, found: Checkpoint) -> None:
+        self.owned = [p for s, p in reversed(list_checkpoints(self.directory)) if s <= found.step]
+
+    def set_aside(self) -> tuple[str, list[int]] | None:
+        """Move every ckpt-*.npz into a new `previous-<UTC time>/` sub-directory;
+        (that directory, the steps moved), or None when there were none."""
+        found = list_checkpoints(self.directory)
+        if not found:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            aside = os.path.join(self.directory, f"previous-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                os.mkdir(aside)  # claims the name: two runs never share one
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise OutputError(f"--checkpoint-dir {self.directory}: cannot create {aside} to "
+                                  f"set the earlier checkpoints aside ({e.strerror or e})")
+        else:
+            raise OutputError(f"--checkpoint-dir {self.directory}: too many previous-{stamp}* "
+                              f"directories")
+        try:
+            for _, path in found:
+                os.rename(path, os.path.join(aside, os.path.basename(path)))
+        except OSError as e:
+            raise OutputError(f"--checkpoint-dir {self.directory}: cannot move {path} into "
+                              f"{aside} ({e.strerror or e})")
+        return aside, sorted(s for s, _ in found)
+
+    def save(self, step: int, params: np.ndarray, velocity: np.ndarray, meta: dict) -> str:
+        path = save_checkpoint(self.directory, step, params, velocity, meta)
+        if path in self.owned:
+            self.owned.remove(path)
+        self.owned.append(path)
+        while len(self.owned) > self.keep:
+            old = self.owned.pop(0)
+            try:
+                os.unlink(old)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise OutputError(f"cannot remove old checkpoint {old}: {e.strerror or e}")
+        return path
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -142,7 +248,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     """
     try:
         z = _read_npz(path)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except ValueError as e:
         raise ValueError(f"unreadable ({e})")
     for key in ("params", "velocity", "meta", "checksum"):
         if key not in z:
@@ -155,6 +261,8 @@ def read_checkpoint(path: str) -> Checkpoint:
         meta = json.loads(meta_json)
     except ValueError:
         raise ValueError("its meta entry is not JSON")
+    if not isinstance(meta, dict):
+        raise ValueError("its meta entry is not a JSON object")
     if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int) \
             or params.ndim != 1 or params.shape != velocity.shape:
         raise ValueError("not a ddp-train checkpoint")
@@ -188,7 +296,7 @@ def _open_param_file(path: str, flag: str) -> dict[str, np.ndarray]:
         raise DataError(f"{flag} {path}: no such file")
     try:
         return _read_npz(path)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except ValueError as e:
         raise DataError(f"{flag} {path}: not a readable .npz file ({e})")
 
 

@@ -32,9 +32,10 @@ of `mpirun -n N ddp-train ...` (plain `ddp-train` is one process). Each rank
 computes the gradient sums of its shard of every global batch; one Allreduce
 per step makes them meet; every rank applies the same update.
 
-Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
-4 cannot write a checkpoint, model or summary; 128+N interrupted by signal N
-(a checkpoint was written: run the same command to resume).
+Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf
+or exceeded --max-loss; 4 cannot write a checkpoint, model or summary; 128+N
+interrupted by signal N before the last step (a checkpoint was written: run
+the same command to resume).
 
 With --backend zmq there is no MPI: this process becomes a ZeroMQ coordinator
 and starts --workers worker processes (see ddp-coordinator, ddp-worker)."""
@@ -47,9 +48,10 @@ gradient sums and applies the SGD step. Workers may join, leave or die at any
 time; a shard that was lost is recomputed, so the result is that of an
 undisturbed run. Takes every training flag of ddp-train.
 
-Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf;
-4 cannot write a checkpoint, model or summary; 128+N stopped by signal N
-(checkpoint written, workers told to exit: run the same command to resume)."""
+Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf
+or exceeded --max-loss; 4 cannot write a checkpoint, model or summary; 128+N
+stopped by signal N before the last step (checkpoint written, workers told to
+exit: run the same command to resume)."""
 
 
 def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:

@@ -62,6 +62,9 @@ class Config:
     epochs: int = _opt("number of passes over the training data", default=100)
     seed: int = _opt("seed for data generation, splits, shuffling and init", default=0)
     shuffle: bool = _opt("keep file order instead of a seeded shuffle each epoch", default=True)
+    max_loss: float | None = _opt("stop as on a NaN loss (exit 3, the last good checkpoint kept) "
+                                  "when the mean loss of a global batch exceeds X (default: off)",
+                                  metavar="X", default=None)
     # evaluation and output
     eval_every: int = _opt("evaluate on the validation data every K steps (0: at the end only)",
                            default=0)
@@ -295,6 +298,8 @@ def validate(cfg: Config) -> None:
     need(cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.l2 >= 0 and _finite(cfg.l2), f"--l2 must be >= 0, got {cfg.l2}")
+    need(cfg.max_loss is None or (cfg.max_loss > 0 and _finite(cfg.max_loss)),
+         f"--max-loss must be a positive finite number, got {cfg.max_loss}")
     need(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
     need(cfg.steps is None or cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
     need(cfg.epochs > 0, f"--epochs must be a positive integer, got {cfg.epochs}")

@@ -2,7 +2,7 @@
 ZeroMQ coordinator and on each of its workers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,14 +22,19 @@ class Setup:
     schedule: ddata.Schedule
     mean: np.ndarray | None
     std: np.ndarray | None
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def total_steps(self) -> int:
         return self.cfg.steps or self.cfg.epochs * self.schedule.steps_per_epoch
 
     def fingerprint(self) -> str:
-        """What a ZeroMQ worker's data must match: see data.fingerprint."""
-        return ddata.fingerprint(self.train, self.mean, self.std)
+        """The content hash of the training data (see data.fingerprint): what a ZeroMQ
+        worker's data and a resumed checkpoint must match. Hashed on first use only: it
+        reads every byte of the data."""
+        if self._fingerprint is None:
+            self._fingerprint = ddata.fingerprint(self.train, self.mean, self.std)
+        return self._fingerprint
 
 
 def prepare(cfg: Config) -> Setup:
