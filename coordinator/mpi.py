@@ -4,11 +4,13 @@
 the training loop never knows which one summed the gradients:
 
     rank, world_size, local_size   who we are
+    oversubscribed                 more ranks than cores on this host: waits yield the core
     allreduce_(buf, op)            in-place sum (or max) over ranks (buffer API, no pickling)
     exchange(buf, buckets)         a step's gradient sum in buckets started during backward
     bcast_(buf, root)              in-place broadcast from root
     agree(error) -> None           collective: raise everywhere if any rank failed
     rank_reports(on_report, step)  each rank's progress at rank 0, off the step's path
+    barrier()                      every rank has arrived
     abort(code)                    end every rank now
 """
 from __future__ import annotations
@@ -73,6 +75,7 @@ class LocalComm:
     """A world of one process: every collective is the identity."""
 
     rank, world_size, local_size = 0, 1, 1
+    oversubscribed = False
 
     def allreduce_(self, buf: np.ndarray, op: str = "sum") -> None:
         pass
@@ -154,7 +157,10 @@ class MPIComm:
         raise PeerError(int(code[0]))
 
     def barrier(self) -> None:
-        self.wait_([self.comm.Ibarrier()])
+        if self.oversubscribed:
+            self.wait_([self.comm.Ibarrier()])
+        else:  # MPICH's blocking barrier has a shared-memory algorithm of its own
+            self.comm.Barrier()
 
     def rank_reports(self, on_report, start_step: int) -> Reports:
         return RankReports(self, on_report, start_step) if self.world_size > 1 else \

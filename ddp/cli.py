@@ -151,7 +151,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
                  f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
                  f"{setup.layout.size:,} parameters; resolved config:")
         log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
-        if getattr(comm, "oversubscribed", False):
+        if comm.oversubscribed:
             cores = host_cores()
             log.warn(f"{comm.local_size} ranks share {cores} core{'s' * (cores != 1)} on this host: "
                      f"a rank that waits yields its core, but every step waits for the slowest "
