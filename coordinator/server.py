@@ -102,9 +102,10 @@ def check_bind(cfg: Config, log: Log) -> None:
     if loopback or cfg.curve_secret:
         return
     if not cfg.insecure:
-        raise UsageError(f"--bind {cfg.bind} is reachable from other hosts: give --curve-secret "
-                         f"and --authorized-keys (see ddp-keygen), bind to 127.0.0.1, or accept "
-                         f"the risk with --insecure")
+        raise UsageError(f"--bind {cfg.bind} may be reachable from other hosts (only ipc://, "
+                         f"127.x.x.x, [::1] and localhost count as loopback; names are not "
+                         f"resolved for this check): give --curve-secret and --authorized-keys "
+                         f"(see ddp-keygen), bind to 127.0.0.1, or accept the risk with --insecure")
     log.warn(f"--bind {cfg.bind} without CURVE (--insecure): anyone who can reach it can join "
              f"the job and read the model; traffic is not encrypted")
 
