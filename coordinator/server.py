@@ -641,6 +641,7 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
     compute = ShardCompute(setup.layout, cfg.activation, cfg.loss, dtype,
                            min(EVAL_ROWS, max(len(setup.train), 1)))
     run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
+    stop.defer()  # the parameters exist: from now on a signal is honoured after a step
     tmpdir = tempfile.mkdtemp(prefix="ddp-coordinator-")
     coord = local = None
     reason = "the coordinator failed"

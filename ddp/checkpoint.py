@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError, OutputError
+from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES, Layout
 
 CHECKPOINT_FORMAT = "ddp-train-checkpoint/1"
@@ -160,6 +161,7 @@ def latest_checkpoint(directory: str, warn) -> Checkpoint | None:
 def save_model(path: str, layout: Layout, params: np.ndarray, model_config: dict) -> None:
     arrays = layout.arrays(params)
     arrays["config"] = np.array(json.dumps(dict(model_config, format=MODEL_FORMAT), sort_keys=True))
+    check_output_target(path, "--output", OutputError)  # it may have changed since the start
     try:
         atomic_savez(path, arrays)
     except OSError as e:
@@ -167,8 +169,7 @@ def save_model(path: str, layout: Layout, params: np.ndarray, model_config: dict
 
 
 def _open_param_file(path: str, flag: str) -> dict[str, np.ndarray]:
-    if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file")
+    check_input_file(path, flag)
     try:
         return _read_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

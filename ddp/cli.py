@@ -21,6 +21,7 @@ from . import __version__
 from .config import Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError)
+from .files import check_input_file, check_output_target
 from .log import Log
 from .monitor import open_monitor
 from .model import forward, loss_sum
@@ -75,6 +76,7 @@ def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None
 
 
 def _write_json(path: str, obj: dict) -> None:
+    check_output_target(path, "--summary-json", OutputError)  # it may have changed since the start
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as fh:
@@ -129,6 +131,9 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     monitor = summary = None
     code = EXIT_INTERNAL
     try:
+        # from here a signal ends the process at once (even inside a blocking read),
+        # until the training loop defers it to the end of a step
+        stop.install()
         comm.agree(error)
         zmq_workers = 0
         if cfg.backend == "zmq":
@@ -164,7 +169,6 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             log.warn("--eval-every has no effect without --val-data or --val-fraction")
         if cfg.samples is not None and cfg.data != "spiral":
             log.warn("--samples only applies to --data spiral")
-        stop.install()
         if cfg.backend == "zmq":
             from coordinator.server import serve
 
@@ -183,10 +187,13 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     except PeerError as e:
         code = e.exit_code
         return code
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+    except KeyboardInterrupt as e:  # a signal before training started: nothing to save
+        code = EXIT_SIGNAL_BASE + getattr(e, "signum", 2)
         if comm.rank == 0:
-            print(f"{prog}: interrupted before training started", file=sys.stderr, flush=True)
-        code = EXIT_SIGNAL_BASE + 2
+            print(f"{prog}: interrupted by {e or 'SIGINT'} before training started", file=sys.stderr,
+                  flush=True)
+        if comm.world_size > 1:  # the others may be waiting for this rank in a collective
+            comm.abort(code)
         return code
     except DDPError as e:
         code = e.exit_code
@@ -249,8 +256,7 @@ def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
     if lower.endswith(".npz"):
         return ddata.load_npz(spec, need_y=False)
     if lower.endswith(".csv") or lower.endswith(".csv.gz"):
-        if not os.path.exists(spec):
-            raise UsageError(f"--data {spec}: no such file")
+        check_input_file(spec, "--data")
         try:
             table = np.loadtxt(spec, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
         except (ValueError, OSError, EOFError) as e:
@@ -402,7 +408,7 @@ def run_worker(argv: list[str] | None = None) -> int:
             print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
             return EXIT_OK
         limit_threads(args.threads, 1)
-        stop.install()
+        stop.install(deferred=True)  # the service's loop checks it at every turn
         log = Log(0, prog, quiet=args.quiet)
         return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
+from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
 
 DTYPES = ("float32", "float64")
@@ -202,6 +203,7 @@ def _unknown_key_message(key: str, source: str) -> str:
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    check_input_file(path, "--config", UsageError)
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
@@ -332,12 +334,15 @@ def validate(cfg: Config) -> None:
         url = urlsplit(cfg.pushgateway)
         need(url.scheme in ("http", "https") and bool(url.hostname) and not url.query,
              f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+    if cfg.init:  # before the data is loaded, not after
+        check_input_file(cfg.init, "--init", UsageError)
     for name in ("output", "summary_json", "log_jsonl"):
         path = getattr(cfg, name)
         if path:
+            flag = f"--{name.replace('_', '-')}"
+            check_output_target(path, flag)
             parent = os.path.dirname(os.path.abspath(path))
-            need(os.path.isdir(parent),
-                 f"--{name.replace('_', '-')} {path}: directory {parent} does not exist")
+            need(os.path.isdir(parent), f"{flag} {path}: directory {parent} does not exist")
 
 
 def _finite(x: float) -> bool:

@@ -19,6 +19,7 @@ from importlib import resources
 import numpy as np
 
 from .errors import DataError, UsageError
+from .files import check_input_file
 
 # Independent random streams, all derived from the one --seed.
 STREAM_SPIRAL, STREAM_RANDOM, STREAM_SPLIT, STREAM_INIT, STREAM_EPOCH = 1, 2, 3, 4, 5
@@ -138,6 +139,7 @@ def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> np.ndarray:
 
 
 def load_npz(path: str, flag: str = "--data", need_y: bool = True):
+    check_input_file(path, flag)
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
@@ -162,8 +164,7 @@ def load_npz(path: str, flag: str = "--data", need_y: bool = True):
 
 def load_csv(path: str, flag: str = "--data"):
     """A CSV with a header row; all columns numeric; the target is the last column."""
-    if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file")
+    check_input_file(path, flag)
     try:
         table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
     except (ValueError, OSError, EOFError) as e:
