@@ -101,6 +101,10 @@ class Config:
                             default=1)
     worker_timeout: float = _opt("zmq: seconds of silence after which a worker counts as dead and "
                                  "its shard is recomputed by others", metavar="SECONDS", default=3.0)
+    shard_timeout: float | None = _opt("zmq: the least time a shard may take before its rows are "
+                                       "recomputed by another worker; the deadline is the larger of "
+                                       "this and 10x the median of recent shards (default: "
+                                       "--worker-timeout)", metavar="SECONDS", default=None)
     curve_secret: str | None = _opt("zmq: the coordinator's secret key (from ddp-keygen): encrypt "
                                     "and authenticate with CURVE", metavar="FILE", default=None)
     authorized_keys: str | None = _opt("zmq: directory of the public keys (*.key) of the workers "
@@ -318,10 +322,12 @@ def validate(cfg: Config) -> None:
     need(cfg.min_workers >= 1, f"--min-workers must be a positive integer, got {cfg.min_workers}")
     need(cfg.worker_timeout > 0 and _finite(cfg.worker_timeout),
          f"--worker-timeout must be a positive number of seconds, got {cfg.worker_timeout}")
+    need(cfg.shard_timeout is None or (cfg.shard_timeout > 0 and _finite(cfg.shard_timeout)),
+         f"--shard-timeout must be a positive number of seconds, got {cfg.shard_timeout}")
     need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
          "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
     if cfg.backend == "mpi":
-        given = [f for f in ("workers", "bind", "curve_secret", "authorized_keys")
+        given = [f for f in ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys")
                  if getattr(cfg, f) is not None] + (["insecure"] if cfg.insecure else [])
         need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
                         f"backend only; add --backend zmq")
