@@ -18,7 +18,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import data as ddata
 from . import __version__
-from .config import Config, _Parser, build_parser, resolve
+from .config import MAX_COUNT, MAX_THREADS, Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError)
 from .files import check_input_file, check_output_target
@@ -256,11 +256,7 @@ def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
     if lower.endswith(".npz"):
         return ddata.load_npz(spec, need_y=False)
     if lower.endswith(".csv") or lower.endswith(".csv.gz"):
-        check_input_file(spec, "--data")
-        try:
-            table = np.loadtxt(spec, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
-        except (ValueError, OSError, EOFError) as e:
-            raise UsageError(f"--data {spec}: not a numeric CSV with a header row ({e})")
+        table = ddata.read_csv_table(spec)
         if table.shape[1] == n_features:
             return table, None
         return table[:, :-1], table[:, -1]
@@ -279,8 +275,9 @@ def run_predict(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
     try:
         args = p.parse_args(argv)
-        if args.batch_size <= 0:
-            raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        if not 0 < args.batch_size <= MAX_COUNT:
+            raise UsageError(f"--batch-size must be a positive integer (at most {MAX_COUNT:,}), "
+                             f"got {args.batch_size}")
         model = ckpt.load_model(args.model)
         cfg = model.config
         dtype = model.params.dtype
@@ -399,8 +396,8 @@ def run_worker(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     try:
         args = p.parse_args(argv)
-        if args.threads is not None and args.threads <= 0:
-            raise UsageError(f"--threads must be positive, got {args.threads}")
+        if args.threads is not None and not 0 < args.threads <= MAX_THREADS:
+            raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
         from worker.service import WorkerService, load_keys, query_status
 
         keys = load_keys(args.curve_secret, args.server_key)

@@ -27,6 +27,14 @@ DTYPES = ("float32", "float64")
 
 BUCKET_MB = 4.0  # default gradient bucket size (see the README's Benchmarks section)
 
+# Upper bounds of numeric flags: far above any real use, low enough that nothing
+# downstream overflows (int64 step counters, milliseconds for a poll, bytes of a bucket).
+MAX_COUNT = 10 ** 15          # steps, epochs, batch size, samples, seed, intervals
+MAX_LAYER = 2 ** 40           # units in one layer (the memory check refuses far less)
+MAX_THREADS = 1024            # BLAS threads; also --workers, processes started on this host
+MAX_BUCKET_MB = 1e6
+MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeout (115 days)
+
 
 def _opt(help: str, flag: str | None = None, metavar: str | None = None, **kw):
     """Field metadata: the help text, an alternative flag spelling, a metavar."""
@@ -178,6 +186,8 @@ def parse_layers(value: Any) -> tuple[int, ...]:
         raise UsageError(f"--layers needs at least an input and an output size, got {value!r}")
     if any(s <= 0 for s in sizes):
         raise UsageError(f"--layers sizes must be positive, got {value!r}")
+    if max(sizes) > MAX_LAYER:
+        raise UsageError(f"--layers sizes must be at most {MAX_LAYER:,}, got {max(sizes):,}")
     return sizes
 
 
@@ -290,6 +300,12 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise UsageError(msg)
 
+    for f in fields(Config):  # a NUL byte passes TOML and argv checks, then breaks os calls
+        value = getattr(cfg, f.name)
+        need(not (isinstance(value, str) and "\0" in value),
+             f"--{f.name.replace('_', '-')} {value!r}: contains a NUL character")
+    _check_bounds(cfg)
+
     need(cfg.activation in ACTIVATIONS,
          f"--activation {cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
     need(cfg.loss in LOSSES, f"--loss {cfg.loss!r} is not one of: {', '.join(LOSSES)}")
@@ -337,9 +353,13 @@ def validate(cfg: Config) -> None:
     need(cfg.stall_timeout > 0 and _finite(cfg.stall_timeout),
          f"--stall-timeout must be a positive number of seconds, got {cfg.stall_timeout}")
     if cfg.pushgateway is not None:
-        url = urlsplit(cfg.pushgateway)
-        need(url.scheme in ("http", "https") and bool(url.hostname) and not url.query,
-             f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+        try:
+            url = urlsplit(cfg.pushgateway)
+            ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
+            url.port  # noqa: B018 (raises ValueError on a port out of range)
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            ok = False
+        need(ok, f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
     if cfg.init:  # before the data is loaded, not after
         check_input_file(cfg.init, "--init", UsageError)
     for name in ("output", "summary_json", "log_jsonl"):
@@ -349,6 +369,24 @@ def validate(cfg: Config) -> None:
             check_output_target(path, flag)
             parent = os.path.dirname(os.path.abspath(path))
             need(os.path.isdir(parent), f"{flag} {path}: directory {parent} does not exist")
+
+
+_MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
+                                         "eval_every", "log_every", "checkpoint_every",
+                                         "min_workers")}
+_MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
+               worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
+
+
+def _check_bounds(cfg: Config) -> None:
+    """Every bounded numeric flag within its documented maximum."""
+    for name, most in _MAXIMA.items():
+        value = getattr(cfg, name)
+        if value is not None and value > most:
+            shown = f"{most:,}" if isinstance(most, int) else f"{most:g}"
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {shown}, got {value:g}"
+                             if isinstance(value, float) else
+                             f"--{name.replace('_', '-')} must be at most {shown}, got {value}")
 
 
 def _finite(x: float) -> bool:
