@@ -7,7 +7,8 @@ One step:
      with the current parameters;
   3. workers send back Σ per-sample gradients, loss sum and correct count;
      a worker that leaves, dies (silent for --worker-timeout, or its connection
-     dropped) or sends something invalid has its shard recomputed by another;
+     dropped), sends something invalid or misses its shard's deadline has its
+     shard recomputed by another;
   4. add the shards' sums in shard order, so the result does not depend on who
      computed what or in which order results arrived;
   5. `Run.apply_` divides by the global sample count and steps, exactly as under MPI.
@@ -30,8 +31,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +58,15 @@ from .trainer import Evaluator, Run, StopRequest
 STRIKES_BEFORE_BAN = 20     # invalid messages after which a peer is ignored
 MAX_TRACKED_PEERS = 4096    # bound on per-peer bookkeeping of unknown peers
 EVAL_ROWS = 4096
+# A shard's deadline: DEADLINE_FACTOR × the median turnaround (task sent → result in) of the
+# last RECENT_SHARDS shards, and never less than --shard-timeout (default: --worker-timeout,
+# the silence that already counts as dead). A peer that heartbeats but never answers (or
+# whose compute thread hung) would otherwise hold the step for ever. Until one shard was
+# measured (start-up: BLAS, page cache) the deadline is FIRST_SHARD_DEADLINE.
+DEADLINE_FACTOR = 10
+RECENT_SHARDS = 64
+FIRST_SHARD_DEADLINE = 60.0
+MISSES_BEFORE_DROP = 3      # deadlines missed in a row after which a worker is dropped
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Member:
     last_sent: float = 0.0
     tasks: set = field(default_factory=set)
     rows: int = 0              # rows of outstanding tasks
+    misses: int = 0            # shard deadlines missed in a row
 
 
 @dataclass
@@ -75,6 +87,7 @@ class Task:
     lo: int
     hi: int
     peer: bytes | None = None
+    sent: float = 0.0              # monotonic time it was sent to its peer
     result: tuple | None = None    # (gradient sum view, frame holding it, loss sum, correct)
     diverged: int = 0              # times a worker reported a non-finite loss for these rows
 
@@ -102,9 +115,10 @@ def check_bind(cfg: Config, log: Log) -> None:
     if loopback or cfg.curve_secret:
         return
     if not cfg.insecure:
-        raise UsageError(f"--bind {cfg.bind} is reachable from other hosts: give --curve-secret "
-                         f"and --authorized-keys (see ddp-keygen), bind to 127.0.0.1, or accept "
-                         f"the risk with --insecure")
+        raise UsageError(f"--bind {cfg.bind} may be reachable from other hosts (only ipc://, "
+                         f"127.x.x.x, [::1] and localhost count as loopback; names are not "
+                         f"resolved for this check): give --curve-secret and --authorized-keys "
+                         f"(see ddp-keygen), bind to 127.0.0.1, or accept the risk with --insecure")
     log.warn(f"--bind {cfg.bind} without CURVE (--insecure): anyone who can reach it can join "
              f"the job and read the model; traffic is not encrypted")
 
@@ -177,6 +191,9 @@ class Coordinator:
         self._last_wait_log = 0.0
         self.watchdog = None  # called on every poll (the embedded run checks its children)
         self.step_compute = 0.0  # the slowest shard's compute seconds in the current step
+        self.turnarounds: deque = deque(maxlen=RECENT_SHARDS)  # seconds, measured here
+        self.shard_floor = cfg.shard_timeout or cfg.worker_timeout
+        self.shard_timeouts = 0
 
     # --- sending ------------------------------------------------------------------
 
@@ -257,6 +274,7 @@ class Coordinator:
 
     def _assign(self, task: Task, member: Member) -> None:
         task.peer = member.peer
+        task.sent = time.monotonic()
         member.tasks.add(task.id)
         member.rows += task.hi - task.lo
         header = protocol.encode("task", job=self.job_id, step=self.step, task=task.id,
@@ -380,6 +398,8 @@ class Coordinator:
                 self._reassign(task, avoid=member.peer)
             return
         task.result = (grad, frames[2], float(msg["loss"]), int(msg["correct"]))
+        self.turnarounds.append(time.monotonic() - task.sent)  # not the peer's own claim
+        member.misses = 0
         seconds = max(0.0, msg["seconds"])
         self.step_compute = max(self.step_compute, seconds)
         if self.monitor is not None:
@@ -401,6 +421,43 @@ class Coordinator:
                 if not self._send(member.peer, protocol.encode("heartbeat", job=self.job_id)):
                     self._drop_member(member, "is lost (connection closed)", lost=True)
 
+    def shard_deadline(self) -> float:
+        """Seconds a shard may take before its rows are recomputed by another worker."""
+        if not self.turnarounds:
+            return max(self.shard_floor, FIRST_SHARD_DEADLINE)
+        return max(self.shard_floor, DEADLINE_FACTOR * statistics.median(self.turnarounds))
+
+    def _check_deadlines(self, now: float) -> None:
+        """Hand the rows of every overdue shard to another worker under a new task id, so
+        the late answer, if it ever comes, is dropped as stale and never summed."""
+        allowed = None
+        for task in list(self.tasks.values()):
+            if task.result is not None or task.peer is None or task.id not in self.tasks:
+                continue
+            allowed = allowed or self.shard_deadline()
+            member = self.members.get(task.peer)
+            if member is None or now - task.sent <= allowed:
+                continue
+            self.shard_timeouts += 1
+            member.misses += 1
+            if self.monitor is not None:
+                self.monitor.shard_timeout()
+            what = (f"rows [{task.lo}, {task.hi}) of step {self.step + 1} not back after "
+                    f"{now - task.sent:.1f} s (deadline {allowed:.1f} s)")
+            if member.misses >= MISSES_BEFORE_DROP:
+                self._drop_member(member, f"missed {member.misses} shard deadlines in a row "
+                                          f"({what})", lost=True)
+                continue
+            if self._recovering_since is None:
+                self._recovering_since = now
+            others = [m for m in self.members.values() if m.peer != member.peer]
+            if others:
+                self.log.info(f"{member.name}: {what}; recomputed by another worker")
+                self._reassign(task, avoid=member.peer)
+            else:  # nobody else to give them to: keep waiting, one more deadline
+                self.log.info(f"{member.name}: {what}; no other worker to recompute them")
+                task.sent = now
+
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` s for messages; handle them and any peer that timed out."""
         if time.monotonic() < self.probe_until:  # a connection closed: look again soon
@@ -417,6 +474,7 @@ class Coordinator:
                     break
                 self._handle(*message)
         self._check_peers(time.monotonic())
+        self._check_deadlines(time.monotonic())
         if self.watchdog is not None:
             self.watchdog()
 
@@ -532,6 +590,7 @@ class Coordinator:
             "workers": [{"name": m.name, "joined_step": m.joined_step, "outstanding_rows": m.rows}
                         for m in self.members.values()],
             "dropped": dict(self.dropped), "workers_lost": self.lost,
+            "shard_timeouts": self.shard_timeouts, "shard_deadline": round(self.shard_deadline(), 3),
             "refused_keys": self.keys.refused if self.keys else 0,
         }
 
@@ -640,6 +699,7 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
     compute = ShardCompute(setup.layout, cfg.activation, cfg.loss, dtype,
                            min(EVAL_ROWS, max(len(setup.train), 1)))
     run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
+    stop.defer()  # the parameters exist: from now on a signal is honoured after a step
     tmpdir = tempfile.mkdtemp(prefix="ddp-coordinator-")
     coord = local = None
     reason = "the coordinator failed"
@@ -684,6 +744,7 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
             "bytes_per_step": (coord.bytes_sent + coord.bytes_received) / steps,
             "dropped_messages": dict(coord.dropped),
             "workers_lost": coord.lost,
+            "shard_timeouts": coord.shard_timeouts,
             "recovery_seconds": coord.recoveries,
             "refused_keys": keys.refused if keys else 0,
         })

@@ -437,6 +437,7 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
     run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor, shared)
+    stop.defer()  # the parameters exist: from now on a signal is honoured after a step
 
     # each rank's progress at rank 0, where metrics are served
     reports = None

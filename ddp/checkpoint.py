@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError, OutputError
-from .model import ACTIVATIONS, LOSSES, Layout
+from .files import check_input_file, check_output_target
+from .memory import check_model_fits
+from .modelconfig import check_model_config
+from .model import Layout
 
 CHECKPOINT_FORMAT = "ddp-train-checkpoint/1"
 MODEL_FORMAT = "ddp-train-model/1"
@@ -285,6 +288,7 @@ def latest_checkpoint(directory: str, warn) -> Checkpoint | None:
 def save_model(path: str, layout: Layout, params: np.ndarray, model_config: dict) -> None:
     arrays = layout.arrays(params)
     arrays["config"] = np.array(json.dumps(dict(model_config, format=MODEL_FORMAT), sort_keys=True))
+    check_output_target(path, "--output", OutputError)  # it may have changed since the start
     try:
         atomic_savez(path, arrays)
     except OSError as e:
@@ -292,8 +296,7 @@ def save_model(path: str, layout: Layout, params: np.ndarray, model_config: dict
 
 
 def _open_param_file(path: str, flag: str) -> dict[str, np.ndarray]:
-    if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file")
+    check_input_file(path, flag)
     try:
         return _read_npz(path)
     except ValueError as e:
@@ -344,14 +347,10 @@ def load_model(path: str, flag: str = "--model") -> ModelFile:
         raise DataError(f"{what}: has no 'config' entry; is it a model written by ddp-train --output?")
     try:
         config = json.loads(str(arrays["config"]))
-        layers = tuple(int(n) for n in config["layers"])
-        bias = bool(config["bias"])
-        if config["activation"] not in ACTIVATIONS or config["loss"] not in LOSSES \
-                or len(layers) < 2 or min(layers) < 1:
-            raise ValueError("unknown architecture")
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{what}: its 'config' entry is not a valid model description ({e})")
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{what}: its 'config' entry is not JSON ({str(e)[:60]})")
+    layers, bias = check_model_config(config, what)
     layout = Layout(layers, bias)
-    dtype = np.dtype(config.get("dtype", "float64")) if config.get("dtype") in ("float32", "float64") \
-        else np.float64
+    dtype = np.dtype(config.get("dtype", "float64"))
+    check_model_fits(layers, bias, dtype.itemsize, 1, what)  # before the flat buffer exists
     return ModelFile(layout, params_from_arrays(arrays, layout, dtype, what), config)

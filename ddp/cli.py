@@ -18,9 +18,10 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import data as ddata
 from . import __version__
-from .config import Config, _Parser, build_parser, resolve
+from .config import MAX_COUNT, MAX_THREADS, Config, _Parser, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
                      UsageError, missing_package)
+from .files import check_output_target
 from .log import Log, stamped
 from .monitor import open_monitor
 from .threads import choose_threads, host_cores, limit_threads
@@ -61,6 +62,8 @@ def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None
 
 def _write_json(path: str, obj: dict) -> None:
     """Atomically and durably, as checkpoints are written."""
+    check_output_target(path, "--summary-json", OutputError)  # it may have changed since the start
+
     def write(fh):
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
@@ -116,6 +119,9 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     monitor = summary = None
     code = EXIT_INTERNAL
     try:
+        # from here a signal ends the process at once (even inside a blocking read),
+        # until the training loop defers it to the end of a step
+        stop.install()
         comm.agree(error)
         zmq_workers = 0
         if cfg.backend == "zmq":
@@ -160,7 +166,6 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             log.warn("--eval-every has no effect without --val-data or --val-fraction")
         if cfg.samples is not None and cfg.data != "spiral":
             log.warn("--samples only applies to --data spiral")
-        stop.install()
         if cfg.backend == "zmq":
             from coordinator.server import serve
 
@@ -179,10 +184,13 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     except PeerError as e:
         code = e.exit_code
         return code
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+    except KeyboardInterrupt as e:  # a signal before training started: nothing to save
+        code = EXIT_SIGNAL_BASE + getattr(e, "signum", 2)
         if comm.rank == 0:
-            print(stamped(f"{prog}: interrupted before training started"), file=sys.stderr, flush=True)
-        code = EXIT_SIGNAL_BASE + 2
+            print(stamped(f"{prog}: interrupted by {e or 'SIGINT'} before training started"),
+                  file=sys.stderr, flush=True)
+        if comm.world_size > 1:  # the others may be waiting for this rank in a collective
+            comm.abort(code)
         return code
     except DDPError as e:
         code = e.exit_code
@@ -253,12 +261,7 @@ def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
     if lower.endswith(".npz"):
         return ddata.load_npz(spec, need_y=False)
     if lower.endswith(".csv") or lower.endswith(".csv.gz"):
-        if not os.path.exists(spec):
-            raise UsageError(f"--data {spec}: no such file")
-        try:
-            table = np.loadtxt(spec, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
-        except (ValueError, OSError, EOFError) as e:
-            raise UsageError(f"--data {spec}: not a numeric CSV with a header row ({e})")
+        table = ddata.read_csv_table(spec)
         if table.shape[1] == n_features:
             return table, None
         return table[:, :-1], table[:, -1]
@@ -278,8 +281,9 @@ def run_predict(argv: list[str] | None = None) -> int:
     quiet_float_warnings()
     try:
         args = p.parse_args(argv)
-        if args.batch_size <= 0:
-            raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        if not 0 < args.batch_size <= MAX_COUNT:
+            raise UsageError(f"--batch-size must be a positive integer (at most {MAX_COUNT:,}), "
+                             f"got {args.batch_size}")
         model = ckpt.load_model(args.model)
         cfg = model.config
         dtype = model.params.dtype
@@ -409,8 +413,8 @@ def run_worker(argv: list[str] | None = None) -> int:
     quiet_float_warnings()
     try:
         args = p.parse_args(argv)
-        if args.threads is not None and args.threads <= 0:
-            raise UsageError(f"--threads must be positive, got {args.threads}")
+        if args.threads is not None and not 0 < args.threads <= MAX_THREADS:
+            raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
         from worker.service import WorkerService, load_keys, query_status
 
         keys = load_keys(args.curve_secret, args.server_key)
@@ -419,7 +423,7 @@ def run_worker(argv: list[str] | None = None) -> int:
             return EXIT_OK
         log = Log(0, prog, level="warning" if args.quiet else "info")
         limit_threads(args.threads, 1, log.warn, noun="worker")
-        stop.install()
+        stop.install(deferred=True)  # the service's loop checks it at every turn
         return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
     except KeyboardInterrupt:
         return EXIT_SIGNAL_BASE + 2

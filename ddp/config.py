@@ -19,12 +19,21 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
+from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
 
 DTYPES = ("float32", "float64")
 
 
 BUCKET_MB = 4.0  # default gradient bucket size (see the README's Benchmarks section)
+
+# Upper bounds of numeric flags: far above any real use, low enough that nothing
+# downstream overflows (int64 step counters, milliseconds for a poll, bytes of a bucket).
+MAX_COUNT = 10 ** 15          # steps, epochs, batch size, samples, seed, intervals
+MAX_LAYER = 2 ** 40           # units in one layer (the memory check refuses far less)
+MAX_THREADS = 1024            # BLAS threads; also --workers, processes started on this host
+MAX_BUCKET_MB = 1e6
+MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeout (115 days)
 
 
 def _opt(help: str, flag: str | None = None, metavar: str | None = None, **kw):
@@ -105,6 +114,10 @@ class Config:
                             default=1)
     worker_timeout: float = _opt("zmq: seconds of silence after which a worker counts as dead and "
                                  "its shard is recomputed by others", metavar="SECONDS", default=3.0)
+    shard_timeout: float | None = _opt("zmq: the least time a shard may take before its rows are "
+                                       "recomputed by another worker; the deadline is the larger of "
+                                       "this and 10x the median of recent shards (default: "
+                                       "--worker-timeout)", metavar="SECONDS", default=None)
     curve_secret: str | None = _opt("zmq: the coordinator's secret key (from ddp-keygen): encrypt "
                                     "and authenticate with CURVE", metavar="FILE", default=None)
     authorized_keys: str | None = _opt("zmq: directory of the public keys (*.key) of the workers "
@@ -178,6 +191,8 @@ def parse_layers(value: Any) -> tuple[int, ...]:
         raise UsageError(f"--layers needs at least an input and an output size, got {value!r}")
     if any(s <= 0 for s in sizes):
         raise UsageError(f"--layers sizes must be positive, got {value!r}")
+    if max(sizes) > MAX_LAYER:
+        raise UsageError(f"--layers sizes must be at most {MAX_LAYER:,}, got {max(sizes):,}")
     return sizes
 
 
@@ -207,6 +222,7 @@ def _unknown_key_message(key: str, source: str) -> str:
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    check_input_file(path, "--config", UsageError)
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
@@ -289,6 +305,12 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise UsageError(msg)
 
+    for f in fields(Config):  # a NUL byte passes TOML and argv checks, then breaks os calls
+        value = getattr(cfg, f.name)
+        need(not (isinstance(value, str) and "\0" in value),
+             f"--{f.name.replace('_', '-')} {value!r}: contains a NUL character")
+    _check_bounds(cfg)
+
     need(cfg.activation in ACTIVATIONS,
          f"--activation {cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
     need(cfg.loss in LOSSES, f"--loss {cfg.loss!r} is not one of: {', '.join(LOSSES)}")
@@ -323,10 +345,12 @@ def validate(cfg: Config) -> None:
     need(cfg.min_workers >= 1, f"--min-workers must be a positive integer, got {cfg.min_workers}")
     need(cfg.worker_timeout > 0 and _finite(cfg.worker_timeout),
          f"--worker-timeout must be a positive number of seconds, got {cfg.worker_timeout}")
+    need(cfg.shard_timeout is None or (cfg.shard_timeout > 0 and _finite(cfg.shard_timeout)),
+         f"--shard-timeout must be a positive number of seconds, got {cfg.shard_timeout}")
     need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
          "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
     if cfg.backend == "mpi":
-        given = [f for f in ("workers", "bind", "curve_secret", "authorized_keys")
+        given = [f for f in ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys")
                  if getattr(cfg, f) is not None] + (["insecure"] if cfg.insecure else [])
         need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
                         f"backend only; add --backend zmq")
@@ -336,15 +360,40 @@ def validate(cfg: Config) -> None:
     need(cfg.stall_timeout > 0 and _finite(cfg.stall_timeout),
          f"--stall-timeout must be a positive number of seconds, got {cfg.stall_timeout}")
     if cfg.pushgateway is not None:
-        url = urlsplit(cfg.pushgateway)
-        need(url.scheme in ("http", "https") and bool(url.hostname) and not url.query,
-             f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+        try:
+            url = urlsplit(cfg.pushgateway)
+            ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
+            url.port  # noqa: B018 (raises ValueError on a port out of range)
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            ok = False
+        need(ok, f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+    if cfg.init:  # before the data is loaded, not after
+        check_input_file(cfg.init, "--init", UsageError)
     for name in ("output", "summary_json", "log_jsonl"):
         path = getattr(cfg, name)
         if path:
+            flag = f"--{name.replace('_', '-')}"
+            check_output_target(path, flag)
             parent = os.path.dirname(os.path.abspath(path))
-            need(os.path.isdir(parent),
-                 f"--{name.replace('_', '-')} {path}: directory {parent} does not exist")
+            need(os.path.isdir(parent), f"{flag} {path}: directory {parent} does not exist")
+
+
+_MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
+                                         "eval_every", "log_every", "checkpoint_every",
+                                         "min_workers")}
+_MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
+               worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
+
+
+def _check_bounds(cfg: Config) -> None:
+    """Every bounded numeric flag within its documented maximum."""
+    for name, most in _MAXIMA.items():
+        value = getattr(cfg, name)
+        if value is not None and value > most:
+            shown = f"{most:,}" if isinstance(most, int) else f"{most:g}"
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {shown}, got {value:g}"
+                             if isinstance(value, float) else
+                             f"--{name.replace('_', '-')} must be at most {shown}, got {value}")
 
 
 def _finite(x: float) -> bool:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import math
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +20,8 @@ from importlib import resources
 import numpy as np
 
 from .errors import DataError, UsageError
+from .files import check_input_file
+from .memory import check_array_fits
 
 # Independent random streams, all derived from the one --seed.
 STREAM_SPIRAL, STREAM_RANDOM, STREAM_SPLIT, STREAM_INIT, STREAM_EPOCH = 1, 2, 3, 4, 5
@@ -97,6 +100,8 @@ def random_data(spec: str, layers, loss: str, seed: int, dtype) -> tuple[np.ndar
         raise UsageError(f"--data {spec}: N must be a positive integer")
     if layers is None:
         raise UsageError(f"--data {spec} needs --layers to know the input and output sizes")
+    check_array_fits((n, layers[0] + layers[-1]), np.dtype(dtype).itemsize + 8,
+                     f"--data {spec} ({n:,} samples of {layers[0]} features)", "use fewer samples")
     rng = rng_for(seed, STREAM_RANDOM)
     X = rng.standard_normal((n, layers[0]), dtype=np.dtype(dtype))
     if loss == "cross-entropy":
@@ -138,6 +143,7 @@ def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> np.ndarray:
 
 
 def load_npz(path: str, flag: str = "--data", need_y: bool = True):
+    check_input_file(path, flag)
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
@@ -160,14 +166,24 @@ def load_npz(path: str, flag: str = "--data", need_y: bool = True):
     return X, y
 
 
-def load_csv(path: str, flag: str = "--data"):
-    """A CSV with a header row; all columns numeric; the target is the last column."""
-    if not os.path.exists(path):
-        raise DataError(f"{flag} {path}: no such file")
+def read_csv_table(path: str, flag: str = "--data") -> np.ndarray:
+    """The numeric rows (float64, 2-D) of a CSV file with a header row."""
+    check_input_file(path, flag)
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+        with warnings.catch_warnings():  # numpy warns on a header-only file: said below
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{flag} {path}: not a numeric CSV with a header row ({e})")
+    if table.size == 0:
+        raise DataError(f"{flag} {path}: holds no data rows (a CSV needs a header row, then one "
+                        f"row of numbers per sample)")
+    return table
+
+
+def load_csv(path: str, flag: str = "--data"):
+    """A CSV with a header row; all columns numeric; the target is the last column."""
+    table = read_csv_table(path, flag)
     if table.shape[1] < 2:
         raise DataError(f"{flag} {path}: needs at least one input column and the target column")
     return table[:, :-1], table[:, -1]
@@ -176,7 +192,9 @@ def load_csv(path: str, flag: str = "--data"):
 def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True):
     """(X, y) for a --data or --val-data spec."""
     if spec == "spiral":
-        return spiral(cfg.samples or 100, cfg.seed)
+        n = cfg.samples or 100
+        check_array_fits((3 * n, 3), 8, f"--data spiral --samples {n:,}", "use fewer --samples")
+        return spiral(n, cfg.seed)
     if spec == "digits":
         return digits()
     if spec.startswith("random:"):
@@ -216,8 +234,8 @@ def check_inputs(X: np.ndarray, what: str, dtype=None) -> None:
         raise DataError(f"{what}: holds no samples")
     if X.shape[1] == 0:
         raise DataError(f"{what}: X has no feature columns")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise DataError(f"{what}: X must be numeric, got dtype {X.dtype}")
+    if X.dtype.kind not in "fiu":  # numpy counts timedelta64 as an integer type
+        raise DataError(f"{what}: X must be numeric (real integers or floats), got dtype {X.dtype}")
     if np.issubdtype(X.dtype, np.floating) or dtype is not None:
         _check_finite(X, what, None if dtype is None else np.dtype(dtype))
 
@@ -227,8 +245,9 @@ def _check_target_array(y: np.ndarray, n: int, what: str) -> None:
         raise DataError(f"{what}: y must hold one target per sample, got a single value")
     if len(y) != n:
         raise DataError(f"{what}: {n} samples in X but {len(y)} targets in y")
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-        raise DataError(f"{what}: y must be numeric, got dtype {y.dtype}")
+    if y.dtype.kind not in "biuf":  # not complex (its imaginary part would be dropped), not time
+        raise DataError(f"{what}: y must be numeric (real integers, floats or bools), got dtype "
+                        f"{y.dtype}")
 
 
 def _label_range(y: np.ndarray, what: str) -> tuple[int, int]:

@@ -9,14 +9,14 @@ import os
 import re
 
 from .errors import UsageError
+from .files import check_input_file
 
 _KEY = re.compile(r'^\s*(public|secret)-key\s*=\s*"([0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40})"\s*$')
 
 
 def read_keys(path: str, flag: str) -> tuple[bytes, bytes | None]:
     """(public, secret or None) from a key file; UsageError naming the flag otherwise."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file")
+    check_input_file(path, flag, UsageError)
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read(65536)

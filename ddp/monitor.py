@@ -122,7 +122,7 @@ class Monitor:
         self.workers: dict[str, WorkerInfo] = {}
         self.departed: deque[WorkerInfo] = deque(maxlen=MAX_DEPARTED)
         self.rejected: Counter = Counter({r: 0 for r in REJECT_REASONS})
-        self.failures = self.joins = 0
+        self.failures = self.joins = self.shard_timeouts = 0
         self.checkpoint_step = self.checkpoint_time = None
         self.seq = itertools.count(1)
         self.last_seq = 0
@@ -238,6 +238,9 @@ class Monitor:
                 info.state = "lost" if lost else "left"
                 self.departed.append(info)
         self.event("worker_failed" if lost else "worker_left", worker=name, reason=why)
+
+    def shard_timeout(self) -> None:
+        self.shard_timeouts += 1  # one thread writes; a scrape reads one int
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1  # one thread writes; a scrape copies under the GIL
@@ -376,6 +379,8 @@ class Monitor:
         yield CounterMetricFamily("ddp_worker_failures_total", "Workers lost (died, hung or unreachable)",
                                   value=self.failures)
         yield CounterMetricFamily("ddp_worker_joins_total", "Workers admitted", value=self.joins)
+        yield CounterMetricFamily("ddp_shard_timeouts_total", "Shards not back by their deadline "
+                                  "(recomputed by another worker)", value=self.shard_timeouts)
         if values["checkpoint"] is not None:
             yield gauge("ddp_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint",
                         values["checkpoint"])

@@ -31,6 +31,7 @@ coordinator → worker
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 
@@ -152,6 +153,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
 
 
 def is_loopback(endpoint: str) -> bool:
-    """True when only processes on this host can reach the endpoint."""
+    """True when only processes on this host can reach the endpoint: ipc://, a literal
+    loopback address (127.0.0.0/8, ::1) or the name `localhost`.
+
+    Any other name is "not loopback", whatever it resolves to now: the check reads no DNS,
+    so a name like `127.evil.example` cannot pass it, and what libzmq resolves at bind
+    time (or later, after a DNS change) cannot differ from what was checked.
+    """
     transport, host = parse_endpoint(endpoint)
-    return transport == "ipc" or host in ("localhost", "::1") or host.startswith("127.")
+    if transport == "ipc" or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, an interface, `*`: not a literal address
+        return False

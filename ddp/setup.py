@@ -8,6 +8,7 @@ import numpy as np
 
 from . import data as ddata
 from .config import Config
+from .memory import check_model_fits
 from .model import Layout
 
 
@@ -41,6 +42,7 @@ def prepare(cfg: Config) -> Setup:
     """Load and validate the data; resolve the layers. Raises DDPError on bad input."""
     data, layers = ddata.load(cfg.data, cfg)
     cfg = replace(cfg, layers=layers)
+    check_model_fits(layers, cfg.bias, np.dtype(cfg.dtype).itemsize, min(cfg.batch_size, len(data)))
     val = None
     if cfg.val_fraction > 0:
         data, val = ddata.split(data, cfg.val_fraction, cfg.seed)

@@ -191,7 +191,7 @@ def test_missing_config_file(classification_npz, tmp_path):
 
 def test_config_that_is_a_directory(classification_npz, tmp_path):
     res = train(["--config", str(tmp_path), "--data", str(classification_npz)])
-    expect_error(res, "--config", "cannot read")
+    expect_error(res, "--config", "is a directory, not a regular file")
 
 
 @pytest.mark.parametrize("kind", ["binary-bytes", "an-npz-file"])
@@ -355,7 +355,7 @@ def case_truncated_npz(tmp_path, X, y):
 def case_npz_is_a_directory(tmp_path, X, y):
     path = tmp_path / "d.npz"
     path.mkdir()
-    return str(path), [], ["d.npz", "not a readable .npz"]
+    return str(path), [], ["d.npz", "is a directory, not a regular file"]
 
 
 def case_missing_npz(tmp_path, X, y):

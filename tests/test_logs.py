@@ -8,7 +8,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from conftest import PY, STAMP, one_error_line, predict, run, train, train_cmd, unstamped
+from conftest import PY, STAMP, one_error_line, predict, run, train
 
 
 def _log_lines(stderr: str) -> list[str]:

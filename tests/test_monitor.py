@@ -26,7 +26,7 @@ METRICS = {
     "ddp_worker_compute_duration_seconds", "ddp_worker_last_report_timestamp_seconds",
     "ddp_start_time_seconds", "ddp_state", "ddp_build_info", "ddp_train_steps_total",
     "ddp_train_samples_total", "ddp_rejected_messages_total", "ddp_worker_failures_total",
-    "ddp_worker_joins_total", "ddp_last_checkpoint_timestamp_seconds",
+    "ddp_worker_joins_total", "ddp_last_checkpoint_timestamp_seconds", "ddp_shard_timeouts_total",
 } | {f"ddp_{h}_duration_seconds_{part}" for h in ("step", "compute", "allreduce")
      for part in ("bucket", "sum", "count")}
 

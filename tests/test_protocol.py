@@ -431,6 +431,18 @@ def test_wire_dtype_is_little_endian():
     ("tcp://example.com:5555", ("tcp", "example.com"), False),
     ("ipc:///tmp/x", ("ipc", ""), True),
     ("ipc://relative.sock", ("ipc", ""), True),
+    # names are never resolved for the check: one that merely starts like a loopback
+    # address may resolve anywhere (issue 12, item 3)
+    ("tcp://127.attacker:5600", ("tcp", "127.attacker"), False),
+    ("tcp://127.0.0.1.nip.io:5600", ("tcp", "127.0.0.1.nip.io"), False),
+    ("tcp://127.example.com:5600", ("tcp", "127.example.com"), False),
+    ("tcp://localhost.example.com:5600", ("tcp", "localhost.example.com"), False),
+    ("tcp://127.1:5600", ("tcp", "127.1"), False),            # not a literal address in full
+    ("tcp://[::ffff:127.0.0.1]:5600", ("tcp", "::ffff:127.0.0.1"), False),
+    ("tcp://[::1]:*", ("tcp", "::1"), True),
+    ("tcp://127.255.255.254:5600", ("tcp", "127.255.255.254"), True),
+    ("tcp://128.0.0.1:5600", ("tcp", "128.0.0.1"), False),
+    ("tcp://lo:5600", ("tcp", "lo"), False),                  # an interface name
 ])
 def test_parse_endpoint_and_is_loopback(endpoint, parsed, loopback):
     assert parse_endpoint(endpoint) == parsed

@@ -671,9 +671,11 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
     assert r.returncode == 0, r.stderr
 
     endpoint = ipc(tmp_path)
-    # a generous --worker-timeout: on a loaded machine a starved real worker is not "lost"
+    # a generous --worker-timeout: on a loaded machine a starved real worker is not "lost";
+    # and --shard-timeout: the member holds tasks on purpose while the state is checked
     coord = procs.coordinator(endpoint, [*ARGS, "--min-workers", "2", "--output", str(out),
-                                         "--summary-json", str(summary), "--worker-timeout", "10"],
+                                         "--summary-json", str(summary), "--worker-timeout", "10",
+                                         "--shard-timeout", "300"],
                               cwd=str(tmp_path))
     job = coord.wait_for(r"coordinator: job ([0-9a-f]+) on ", timeout=30).group(1)
     workers = [procs.worker(endpoint) for _ in range(2)]
@@ -810,7 +812,7 @@ def test_outstanding_rows_after_a_non_finite_result(procs, tmp_path):
     the status, and the misbehaving member then looked the least busy)."""
     endpoint = ipc(tmp_path)
     coord = procs.coordinator(endpoint, [*SMALL, "--steps", "300", "--min-workers", "2",
-                                         "--log-every", "1"])
+                                         "--log-every", "1", "--shard-timeout", "60"])
     coord.wait_for("waiting for 2 workers", timeout=30)
     procs.worker(endpoint)
     real = coord.wait_for(r"^(worker \d+) joined", timeout=30).group(1)

@@ -202,6 +202,38 @@ def test_public_bind_insecure_warns_and_runs():
     assert "done: 1 steps" in res.stdout, res.stdout
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://127.attacker:5600", "tcp://0.0.0.0:5600",
+                                      "tcp://*:5600", "tcp://127.0.0.1.nip.io:5600"])
+def test_check_bind_refuses_what_is_not_literally_loopback(endpoint):
+    """In process, no traffic: a name that starts like 127.x is not resolved and not trusted."""
+    from coordinator.server import check_bind
+    from ddp.config import Config
+    from ddp.errors import UsageError
+    from ddp.log import Log
+
+    cfg = Config(backend="zmq", bind=endpoint)
+    with pytest.raises(UsageError) as err:
+        check_bind(cfg, Log(0, "ddp-coordinator"))
+    message = str(err.value)
+    assert "\n" not in message and f"--bind {endpoint}" in message and "--insecure" in message
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5600", "tcp://[::1]:5600",
+                                      "tcp://localhost:5600", "ipc:///tmp/x.sock"])
+def test_check_bind_accepts_loopback_without_keys(endpoint, capsys):
+    from coordinator.server import check_bind
+    from ddp.config import Config
+    from ddp.log import Log
+
+    check_bind(Config(backend="zmq", bind=endpoint), Log(0, "ddp-coordinator"))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_coordinator_refuses_a_name_that_looks_like_loopback():
+    res = coordinator("--bind", "tcp://127.attacker:5600", "--steps", "1")
+    expect_error(res, "ddp-coordinator", "--bind tcp://127.attacker:5600", "--insecure")
+
+
 @pytest.mark.parametrize("endpoint", ["nonsense", "tcp://127.0.0.1:99999"])
 def test_bad_bind(endpoint):
     res = coordinator("--bind", endpoint, "--steps", "1")
