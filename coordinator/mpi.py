@@ -28,10 +28,6 @@ from ddp.threads import host_cores
 # Environment variables by which MPI launchers tell a process it is one of several.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-# ... and the ranks on this host (Hydra's mpiexec, Open MPI)
-_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
-# MPICH: after this many polls of a busy wait, sched_yield() (read at MPI_Init)
-_MPICH_YIELD = "MPIR_CVAR_POLLS_BEFORE_YIELD"
 
 
 def _env_int(names: tuple[str, ...]) -> int | None:
@@ -64,11 +60,6 @@ def launched_rank() -> int:
     if rank is None and srun_tasks() > 1:
         rank = _env_int(("SLURM_PROCID",))
     return rank or 0
-
-
-def launched_local_size() -> int:
-    """Ranks a launcher announced on this host (1 if it did not say)."""
-    return max(_env_int(_LOCAL_SIZE_VARS) or 1, 1)
 
 
 class LocalComm:
@@ -405,10 +396,6 @@ def make_comm():
             raise DDPError("started by an MPI launcher but mpi4py is not installed: "
                            "pip install mpi4py (see the README on using a cluster's MPI)")
         return LocalComm()
-    if launched_local_size() > host_cores():
-        # oversubscribed: MPICH's own busy waits yield the core at every poll (read at
-        # MPI_Init, so it must be set before mpi4py initialises MPI; the user's value wins)
-        os.environ.setdefault(_MPICH_YIELD, "1")
     comm = MPIComm()
     announced = launched_size()
     if comm.world_size == 1 and srun_tasks() > 1 and _env_int(_LAUNCHER_SIZE_VARS) is None:
