@@ -179,6 +179,15 @@ def one_error_line(stderr: str, prog: str = "ddp-train") -> str:
     return lines[0]
 
 
+def expect_error(res: Result, prog: str, *fragments: str) -> str:
+    """`res` failed with exit 2 and one error line holding every fragment; that line."""
+    line = one_error_line(res.stderr, prog)
+    assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr}"
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
 @pytest.fixture
 def classification_npz(tmp_path):
     """A small separable 3-class problem in an .npz (X float64, y int)."""

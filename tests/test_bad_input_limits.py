@@ -10,16 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import PY, one_error_line, predict, run, train
+import conftest
+from conftest import PY, predict, run, train
 
 TIMEOUT = 60
 
 
 def expect_error(res, prog: str, *fragments: str) -> str:
-    line = one_error_line(res.stderr, prog)
-    assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr}"
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
+    line = conftest.expect_error(res, prog, *fragments)
     assert "Warning" not in res.stderr, res.stderr  # no numpy warning line either
     return line
 

@@ -14,18 +14,10 @@ import stat
 
 import pytest
 
-from conftest import PY, one_error_line, predict, run, train
+from conftest import PY, expect_error, predict, run, train
 from zmq_helpers import procs  # noqa: F401 (fixture)
 
 TIMEOUT = 60
-
-
-def expect_error(res, prog: str, *fragments: str) -> str:
-    line = one_error_line(res.stderr, prog)
-    assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr}"
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 @pytest.fixture
