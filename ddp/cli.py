@@ -252,6 +252,17 @@ Exit codes: 0 done; 1 internal error; 2 bad input; 4 cannot write the output."""
 DEFAULT_PREDICTIONS = "predictions.npy"
 
 
+def _predictions_path(path: str) -> str:
+    """--output as numpy.save names it (.npy added), refused unless a file can go there."""
+    if not path.endswith(".npy"):
+        path += ".npy"
+    check_output_target(path, "--output")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output {path}: directory {parent} does not exist")
+    return path
+
+
 def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
     """(X, y or None) for ddp-predict: targets are optional here."""
     training = model_cfg.get("training", {})
@@ -284,6 +295,8 @@ def run_predict(argv: list[str] | None = None) -> int:
         if not 0 < args.batch_size <= MAX_COUNT:
             raise UsageError(f"--batch-size must be a positive integer (at most {MAX_COUNT:,}), "
                              f"got {args.batch_size}")
+        if args.output:  # refused now, not after the predictions were computed
+            args.output = _predictions_path(args.output)
         model = ckpt.load_model(args.model)
         cfg = model.config
         dtype = model.params.dtype
@@ -323,12 +336,11 @@ def run_predict(argv: list[str] | None = None) -> int:
         out = args.output
         if out is None and y is None:  # nothing else to show: keep them, and say where
             out = DEFAULT_PREDICTIONS
-            if os.path.exists(out):
+            if os.path.lexists(out):
                 raise UsageError(f"the data has no targets, so the predictions go to {out}, which "
                                  f"exists; give --output PATH (an existing file there is replaced)")
         if out:
-            if not out.endswith(".npy"):  # as numpy.save names it
-                out += ".npy"
+            check_output_target(out, "--output", OutputError)  # it may have changed meanwhile
             try:
                 ckpt.atomic_write(out, lambda fh: np.save(fh, preds))
             except OSError as e:

@@ -126,3 +126,27 @@ def test_predict_says_where_its_default_output_went_and_never_replaces_it(tmp_pa
     r = predict(["--model", str(model), "--data", str(data), "--output", str(work / "p")], cwd=work)
     assert r.returncode == 0 and f"written to {work / 'p.npy'}" in r.stdout, r.stdout + r.stderr
     assert np.load(work / "p.npy").shape == (6,)
+
+
+@pytest.mark.parametrize("target", ["link", "fifo", "missing-dir"])
+def test_predict_output_that_is_not_a_file_is_refused_and_left_alone(tmp_path, model_and_unlabelled, target):
+    """ddp-predict writes by an atomic rename too: it must not replace a link or a node."""
+    model, data = model_and_unlabelled
+    real = tmp_path / "real.npy"
+    real.write_bytes(b"keep")
+    path = tmp_path / "out.npy"
+    if target == "link":
+        path.symlink_to(real)
+    elif target == "fifo":
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "nowhere" / "out.npy"
+    r = predict(["--model", str(model), "--data", str(data), "--output", str(path)])
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = one_error_line(r.stderr, "ddp-predict")
+    assert {"link": "symbolic link", "fifo": "named pipe", "missing-dir": "does not exist"}[target] in line
+    assert real.read_bytes() == b"keep"
+    if target == "link":
+        assert path.is_symlink()
+    if target == "fifo":
+        assert stat.S_ISFIFO(os.lstat(path).st_mode)
