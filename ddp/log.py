@@ -84,7 +84,7 @@ def human_bytes(n: float | None, missing: str = "n/a") -> str:
     """1234567 -> '1.2 MB' (decimal units); `missing` for None."""
     if n is None:
         return missing
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
