@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError, OutputError
-from .files import check_input_file, check_output_target
+from .files import check_input_file, check_output_target, kind
 from .memory import check_model_fits
 from .modelconfig import check_model_config
 from .model import Layout
@@ -249,6 +249,12 @@ def read_checkpoint(path: str) -> Checkpoint:
 
     Only integrity is checked here; whether it belongs to this run is the caller's question.
     """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"unreadable ({e.strerror or e})")
+    if not stat.S_ISREG(mode):  # opening a FIFO would block the resume for ever
+        raise ValueError(f"is {kind(mode)}, not a regular file")
     try:
         z = _read_npz(path)
     except ValueError as e:

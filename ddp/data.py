@@ -117,6 +117,8 @@ def random_data(spec: str, layers, loss: str, seed: int, dtype) -> tuple[np.ndar
 def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> np.ndarray:
     """One array of an .npz, memory-mapped when it is stored uncompressed (np.savez)."""
     info = zf.getinfo(name + ".npy")
+    if info.flag_bits & 0x1:  # read raw, an encrypted member would be random numbers
+        raise ValueError(f"array {name} is encrypted; save it with numpy.savez")
     if info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as fh:
             fh.seek(info.header_offset)

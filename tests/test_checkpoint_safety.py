@@ -297,3 +297,28 @@ def test_max_loss_off_by_default_and_in_toml(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "max_loss = 1e+129" in r.stderr
     assert "max_loss" not in train(["--steps", "2"]).stderr  # None: not printed
+
+
+def test_a_fifo_named_like_a_checkpoint_is_skipped_not_opened(tmp_path):
+    """Opening a named pipe blocks until someone writes to it: the resume scan must not."""
+    d = tmp_path / "ck"
+    args = DIGITS + ["--checkpoint-dir", str(d)]
+    assert train(args + ["--steps", "20"]).returncode == 0
+    os.mkfifo(ckpt.checkpoint_path(str(d), 999))
+    r = train(args + ["--steps", "30"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-00000999.npz: is a named pipe (FIFO), not a regular file" in r.stderr
+    assert "resuming from" in r.stderr and "at step 20" in r.stderr
+
+
+@pytest.mark.parametrize("how", HOSTILE)
+def test_data_files_with_hostile_zip_headers_are_one_line_errors(tmp_path, how):
+    """--data memory-maps stored members itself: an encrypted one must not be read raw."""
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, X=rng.standard_normal((40, 3)), y=rng.integers(0, 2, 40))
+    _patch_zip(data, "X.npy", **HOSTILE[how])
+    r = train(["--data", str(data), "--steps", "3"])
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r.stderr)
+    assert f"--data {data}" in line and ("encrypted" in line or "compression" in line), line
