@@ -39,7 +39,7 @@ GAUGES = {
     "ddp_build_info",
 }
 COUNTERS = {"ddp_train_steps_total", "ddp_train_samples_total", "ddp_rejected_messages_total",
-            "ddp_worker_failures_total", "ddp_worker_joins_total"}
+            "ddp_worker_failures_total", "ddp_worker_joins_total", "ddp_shard_timeouts_total"}
 HISTOGRAMS = {"ddp_step_duration_seconds", "ddp_compute_duration_seconds",
               "ddp_allreduce_duration_seconds"}
 # pushed to a Pushgateway at the end of a run (job="ddp_train")
@@ -235,6 +235,7 @@ REQUIRED_PANELS = [
     ("learning rate", [r"\bddp_learning_rate\b"]),
     ("rejected messages", [r"\bddp_rejected_messages_total\b"]),
     ("worker failures", [r"\bddp_worker_failures_total\b"]),
+    ("shard timeouts", [r"\bddp_shard_timeouts_total\b"]),
     ("time since the last checkpoint",
      [r"time\(\)\s*-\s*ddp_last_checkpoint_timestamp_seconds\b"]),
     ("state", [r"\bddp_state\b"]),
