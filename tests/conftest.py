@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,10 +40,20 @@ class Result:
     stderr: str
 
 
+# The commands under test put their temporary files (a coordinator's ipc:// socket
+# directory, say) here, so that what a SIGKILLed one cannot remove goes with the session.
+SESSION_TMP = tempfile.mkdtemp(prefix="ddp-tests-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env["TMPDIR"] = SESSION_TMP
     return env
 
 
