@@ -8,6 +8,7 @@ import os
 
 from .errors import UsageError
 from .log import human_bytes
+from .model import Layout
 
 # buffers of the model's size a run holds at once: parameters, momentum, the summed
 # gradients and the exchange's buffer (a rank under MPI, the coordinator under ZeroMQ)
@@ -42,7 +43,7 @@ def check_fits(need: int, what: str, hint: str) -> None:
 
 def model_bytes(layers, bias: bool, itemsize: int, max_rows: int) -> int:
     """A lower bound on what training `layers` takes, before the data."""
-    params = sum(a * b + (b if bias else 0) for a, b in zip(layers[:-1], layers[1:]))
+    params = Layout(tuple(layers), bias).size
     return itemsize * (MODEL_COPIES * params + ACTIVATION_COPIES * max_rows * sum(layers))
 
 

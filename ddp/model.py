@@ -6,6 +6,7 @@ Every function named with a trailing underscore works in place.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,7 +157,7 @@ class Layout:
     @property
     def size(self) -> int:
         name, offset, shape = self.entries[-1]
-        return offset + int(np.prod(shape))
+        return offset + math.prod(shape)  # Python ints: a huge layer must not wrap around
 
     def layer_spans(self) -> list[tuple[int, int]]:
         """[lo, hi) of each layer's W and b (contiguous) in the flat buffer."""

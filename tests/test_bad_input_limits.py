@@ -26,6 +26,8 @@ def expect_error(res, prog: str, *fragments: str) -> str:
 
 FLAG_CASES = [  # (id, flags, fragments of the error line)
     ("huge-layer", ["--layers", "2,100000000000,3"], ["--layers 2,100000000000,3", "memory", "available"]),
+    # no bias: the last entry is a 2^40 x 2^40 matrix, whose size must not wrap around in int64
+    ("huge-matrix", ["--no-bias", "--layers", "2,1099511627776,1099511627776"], ["memory", "available"]),
     ("absurd-layer", ["--layers", "2,99999999999999999999,3"], ["--layers", "at most"]),
     ("huge-samples", ["--samples", "100000000000"], ["--samples 100,000,000,000", "memory", "available"]),
     ("huge-random", ["--data", "random:100000000000", "--layers", "2,10,3"],
