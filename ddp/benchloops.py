@@ -18,6 +18,7 @@ usual yardstick. `sgemm` times numpy's own matrix products at the exact shapes
 of one training step: the GEMM rate this BLAS can give the model at all.
 
 Each prints one JSON line on stdout (rank 0) with at least `samples_per_second`.
+Their BLAS (torch: intra-op) threads follow ddp-train's rule (ddp.threads).
 These are measurements, not the trainer: nothing here is imported by ddp-train.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ import sys
 import time
 
 import numpy as np
+
+from .threads import choose_threads, limit_threads
 
 LR = 0.05
 
@@ -104,15 +107,17 @@ def grad_sums_(params, grads, X: np.ndarray, y: np.ndarray) -> float:
     return loss_sum
 
 
-def limit_blas_threads(threads: int | None) -> int | None:
-    """Apply --threads to the BLAS pools (the env vars set by ddp-bench already do,
-    this is for runs by hand); the number the BLAS library now reports."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+def _warn(message: str) -> None:
+    print(f"benchloops: warning: {message}", file=sys.stderr, flush=True)
 
-    if threads:
-        threadpool_limits(limits=threads)
-    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    return max(blas) if blas else threads
+
+def _threads(requested: int | None, local_ranks: int) -> int:
+    """ddp-train's rule (ddp.threads): --threads, else *_NUM_THREADS, else cores ÷ the
+    ranks on this host. ddp-bench always passes --threads, so its runs get its count."""
+    threads, _, ignored = choose_threads(requested, local_ranks)
+    for message in ignored:
+        _warn(message)
+    return threads
 
 
 # --- lean: numpy + mpi4py -------------------------------------------------------
@@ -123,7 +128,9 @@ def run_lean(args) -> int:
 
     comm = MPI.COMM_WORLD
     rank, world_size = comm.rank, comm.size
-    threads = limit_blas_threads(args.threads)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)   # the ranks that share this host's cores
+    threads, _ = limit_threads(args.threads, node.Get_size(), _warn)   # what BLAS now reports
+    node.Free()
     dtype = np.dtype(args.dtype)
     layers = args.layers
     n = n_parameters(layers)
@@ -169,7 +176,7 @@ def run_torch(args) -> int:
     import torch.distributed as dist
     from torch import nn
 
-    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     dist.init_process_group("gloo")                # RANK, WORLD_SIZE, MASTER_* from torchrun
     rank, world_size = dist.get_rank(), dist.get_world_size()
     layers = args.layers
@@ -245,7 +252,7 @@ def time_gemms(products, sets: int, warmup: int) -> list[float]:
 def run_sgemm(args) -> int:
     from threadpoolctl import threadpool_limits
 
-    threads = args.threads or 1
+    threads = _threads(args.threads, 1)
     products = step_gemms(args.layers, args.batch, np.dtype(args.dtype))
     flops = gemm_flops(args.layers, args.batch)
     by_threads = {}

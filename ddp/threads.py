@@ -3,6 +3,8 @@
 The rule of torchrun and scikit-learn: `--threads` first, then the user's
 OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS, then this process's
 share of the host's cores (cores ÷ processes on the host, at least 1).
+ddp-bench applies the same rule to the programs it starts, without the
+environment step, and hands each its count through `thread_env`.
 """
 from __future__ import annotations
 
@@ -49,6 +51,12 @@ def choose_threads(threads: int | None, local_ranks: int, env: Mapping[str, str]
     cores, ranks = host_cores(), max(local_ranks, 1)
     return max(1, cores // ranks), f"{cores} cores ÷ {ranks} {noun}{'s' * (ranks != 1)} on this host", \
         ignored
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Every variable choose_threads reads, set to `threads`: the environment that
+    gives a child process (and each rank it starts) that many BLAS threads."""
+    return {var: str(threads) for var in ENV_VARS}
 
 
 def limit_threads(threads: int | None, local_ranks: int, warn=None,

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 
 import psutil
+
+from ddp.proc import descendants, kill_tree  # noqa: F401  (the tests import them from here)
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -64,16 +65,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-# --- processes (psutil, not /proc by hand) ------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of pid (mpirun's proxy starts the ranks in sessions of their
-    own, so killing mpirun's process group does not reach them)."""
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
+# --- processes: the tree walk and kill of ddp.proc (what ddp-bench uses), psutil for the rest ---
 
 
 def alive(pid: int) -> bool:
@@ -113,20 +105,6 @@ def rss_mb(pid: int) -> float | None:
         return psutil.Process(pid).memory_info().rss / 2**20
     except psutil.Error:
         return None
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process, its group and every descendant."""
-    victims = descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run(cmd: list[str], timeout: float = 120, cwd=None, env=None) -> Result:
