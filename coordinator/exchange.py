@@ -52,12 +52,8 @@ class LocalExchange:
     def __init__(self, size: int, head: int, dtype):
         self.head = head
         self.buf = np.zeros(head + size, dtype=dtype)
+        self.grad = self.buf[head:]  # the flat gradient sum, after the stats
         self.params = np.empty(size, dtype=dtype)
-
-    @property
-    def grad(self) -> np.ndarray:
-        """The flat gradient sum (the part of `buf` after the stats)."""
-        return self.buf[self.head:]
 
     def optimizer_state(self, slots: int) -> np.ndarray:
         """Room for `slots` arrays of per-parameter optimizer state."""
@@ -73,9 +69,9 @@ class LocalExchange:
     def apply_(self, opt, n_samples: int, norm_due=None) -> float | None:
         """Move the parameters with the summed gradient of `n_samples` samples (`buf` is
         scratch afterwards). Returns ‖Σg‖ when `norm_due()` says the metrics want it."""
-        grad = self.grad
-        norm = float(np.sqrt(np.dot(grad, grad))) if norm_due is not None and norm_due() else None
-        opt.step_(self.params, grad, n_samples)
+        g = self.grad
+        norm = float(np.sqrt(np.dot(g, g))) if norm_due is not None and norm_due() else None
+        opt.step_(self.params, g, n_samples)
         return norm
 
     def sum_(self, buf: np.ndarray) -> None:
@@ -198,12 +194,9 @@ class SharedExchange:
         self.norms = model[(1 + state_slots) * size:]
         self.buf = self.slots[self.rank]
         self.buf[:] = 0
+        self.grad = self.buf[head:]
         self.lo, self.hi = shard_bounds(size, self.world_size, self.rank)  # this rank's part
         self.totals = np.zeros(head, dtype=np.float64)
-
-    @property
-    def grad(self) -> np.ndarray:
-        return self.buf[self.head:]
 
     def optimizer_state(self, slots: int) -> np.ndarray:
         return self.state
