@@ -1,12 +1,12 @@
-"""How gradients meet under mpirun: one in-place Allreduce of one buffer per step.
+"""The processes of a run under mpirun, and how they were started.
 
-`MPIComm` and `LocalComm` (one process, no MPI) share one small interface, so
-the training loop never knows which one summed the gradients:
+`MPIComm` and `LocalComm` (one process, no MPI) share one small interface; the
+exchange strategies (`coordinator.exchange`) build the step's sums on it:
 
     rank, world_size, local_size   who we are
     oversubscribed                 more ranks than cores on this host: waits yield the core
     allreduce_(buf, op)            in-place sum (or max) over ranks (buffer API, no pickling)
-    exchange(buf, buckets)         a step's gradient sum in buckets started during backward
+    wait_(requests)                complete non-blocking requests (yielding when oversubscribed)
     bcast_(buf, root)              in-place broadcast from root
     agree(error) -> None           collective: raise everywhere if any rank failed
     rank_reports(on_report, step)  each rank's progress at rank 0, off the step's path
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,9 +73,6 @@ class LocalComm:
     def bcast_(self, buf: np.ndarray, root: int = 0) -> None:
         pass
 
-    def exchange(self, buf: np.ndarray, buckets: "list[Bucket]") -> "Exchange":
-        return Exchange()
-
     def agree(self, error: DDPError | None) -> None:
         if error is not None:
             error.agreed = True
@@ -124,14 +120,6 @@ class MPIComm:
     def bcast_(self, buf: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)
 
-    def exchange(self, buf: np.ndarray, buckets: "list[Bucket]") -> "Exchange":
-        if self.world_size == 1:
-            return Exchange()
-        return BucketExchange(self, buf, buckets)
-
-    def shared_exchange(self, size: int, head: int, dtype) -> "SharedExchange":
-        return SharedExchange(self, size, head, dtype)
-
     def agree(self, error: DDPError | None) -> None:
         """Every rank learns whether any rank failed; the lowest failing rank's error
         is raised there (and printed by it), the others raise a quiet PeerError."""
@@ -161,135 +149,6 @@ class MPIComm:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Elements [lo, hi) of the step's buffer, summed together once layer `after` has
-    its gradients (None: once backward is over)."""
-
-    lo: int
-    hi: int
-    after: int | None
-
-
-def plan_buckets(layer_spans: list[tuple[int, int]], size: int, bucket_elems: int) -> list[Bucket]:
-    """Group whole layers into buckets of at least `bucket_elems` elements, last layers
-    first, the order in which backward produces them. `layer_spans[i]` is layer i's
-    [lo, hi) in a buffer of `size` elements; what lies outside every layer (the loss
-    and count slots) joins the last bucket, which starts when backward is over.
-    bucket_elems <= 0 gives one bucket: a single Allreduce.
-    """
-    if bucket_elems <= 0:
-        return [Bucket(0, size, None)]
-    buckets, hi, elems = [], size, 0
-    for i in range(len(layer_spans) - 1, 0, -1):  # layer 0 always ends the last bucket
-        lo_i, hi_i = layer_spans[i]
-        elems += hi_i - lo_i
-        if elems >= bucket_elems:
-            buckets.append(Bucket(lo_i, hi, i))
-            hi, elems = lo_i, 0
-    buckets.append(Bucket(0, hi, None))
-    return buckets
-
-
-class Exchange:
-    """A world of one: nothing to sum."""
-
-    def layer_done(self, layer: int) -> None:
-        pass
-
-    def wait(self) -> None:
-        pass
-
-
-class BucketExchange(Exchange):
-    """One step's gradient sum as non-blocking Allreduces, one per bucket, each started
-    when backward has written the bucket's layers and all waited for before the update.
-    Every later `layer_done` also tests the outstanding ones: without a progress thread
-    MPICH advances a non-blocking collective only inside MPI calls."""
-
-    def __init__(self, comm: MPIComm, buf: np.ndarray, buckets: list[Bucket]):
-        self.MPI, self.comm, self.wait_ = comm.MPI, comm.comm, comm.wait_
-        self.spin = not comm.oversubscribed
-        self.views = [buf[b.lo:b.hi] for b in buckets]
-        self.start_after = {b.after: k for k, b in enumerate(buckets) if b.after is not None}
-        self.pending = []
-
-    def layer_done(self, layer: int) -> None:
-        k = self.start_after.get(layer)
-        if k is not None:
-            self.pending.append(self.comm.Iallreduce(self.MPI.IN_PLACE, self.views[k], op=self.MPI.SUM))
-        if self.pending:
-            self.MPI.Request.Testall(self.pending)
-
-    def wait(self) -> None:
-        if not self.pending and self.spin:
-            self.comm.Allreduce(self.MPI.IN_PLACE, self.views[-1], op=self.MPI.SUM)
-            return
-        self.pending.append(self.comm.Iallreduce(self.MPI.IN_PLACE, self.views[-1], op=self.MPI.SUM))
-        self.wait_(self.pending)
-        self.pending.clear()
-
-
-class SharedExchange(Exchange):
-    """The step on one host, through shared memory instead of an Allreduce.
-
-    Every rank writes its gradient sums into a slot of one shared window, and the
-    parameters and velocity exist once, in another. After a barrier, rank r sums
-    part r of every slot and applies the SGD step to part r of the
-    parameters; a second barrier and every rank reads the new parameters. Each
-    rank touches 1/N of the update: no buffer is copied and nothing is sent.
-    """
-
-    def __init__(self, comm: MPIComm, size: int, head: int, dtype):
-        MPI = comm.MPI
-        self.comm, self.rank, self.world = comm.comm, comm.rank, comm.world_size
-        self.barrier = comm.barrier
-        dtype = np.dtype(dtype)
-        params_size = size - head
-        self.head = head
-        info = MPI.Info.Create()
-        info.Set("alloc_shared_noncontig", "true")  # each rank's slot on pages of its own
-        self.win_slots = MPI.Win.Allocate_shared(size * dtype.itemsize, dtype.itemsize, info, self.comm)
-        n_model = 2 * params_size + self.world if self.rank == 0 else 0
-        self.win_model = MPI.Win.Allocate_shared(n_model * dtype.itemsize, dtype.itemsize, info, self.comm)
-        info.Free()
-        self.slots = [np.frombuffer(self.win_slots.Shared_query(q)[0], dtype, count=size)
-                      for q in range(self.world)]
-        model = np.frombuffer(self.win_model.Shared_query(0)[0], dtype,
-                              count=2 * params_size + self.world)
-        self.params, self.velocity = model[:params_size], model[params_size:2 * params_size]
-        self.norms = model[2 * params_size:]  # each part's ‖Σg‖², when asked for
-        self.buf = self.slots[self.rank]
-        base, extra = divmod(params_size, self.world)
-        self.lo = self.rank * base + min(self.rank, extra)
-        self.hi = self.lo + base + (self.rank < extra)
-        self.totals = np.zeros(head, dtype=np.float64)
-
-    def wait(self) -> None:
-        """Every rank's gradients are in its slot; the stats are summed into `totals`."""
-        self.barrier()
-        self.totals[:] = 0
-        for slot in self.slots:
-            self.totals += slot[:self.head]
-
-    def reduce_update_(self, opt, n_samples: int, want_norm: bool) -> None:
-        """Sum part `rank` of the slots and apply `opt` to that part of the parameters;
-        when this returns, every rank's part is updated."""
-        part = slice(self.head + self.lo, self.head + self.hi)
-        acc = self.buf[part]
-        for q, slot in enumerate(self.slots):
-            if q != self.rank:
-                acc += slot[part]
-        if want_norm:
-            self.norms[self.rank] = np.dot(acc, acc)
-        opt.step_(self.params, acc, n_samples, lo=self.lo)
-        self.barrier()
-
-    def close(self) -> None:
-        self.win_slots.Free()
-        self.win_model.Free()
 
 
 class Reports:

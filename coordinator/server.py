@@ -50,10 +50,11 @@ from ddp.monitor import Monitor
 from ddp.protocol import ProtocolError
 from worker.compute import ShardCompute
 
-from .mpi import LocalComm
 from ddp.setup import Setup
+from ddp.signals import StopRequest
 
-from .trainer import Evaluator, Run, StopRequest
+from .exchange import LocalExchange
+from .run import Evaluator, Run
 
 STRIKES_BEFORE_BAN = 20     # invalid messages after which a peer is ignored
 MAX_TRACKED_PEERS = 4096    # bound on per-peer bookkeeping of unknown peers
@@ -691,14 +692,16 @@ def preflight(cfg: Config, log: Log) -> CurveKeys | None:
 
 
 def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spawn: int = 0,
-          worker_threads: int = 1, monitor: Monitor | None = None) -> tuple[dict, np.ndarray]:
-    """Run the job as the coordinator (and `spawn` local workers); (summary, parameters)."""
+          worker_threads: int = 1, monitor: Monitor | None = None) -> dict:
+    """Run the job as the coordinator (and `spawn` local workers); the run's summary."""
     cfg = setup.cfg
     dtype = np.dtype(cfg.dtype)
-    comm = LocalComm()
+    # the workers' sums are added here, in shard order: one process applies the update
+    exchange = LocalExchange(setup.layout.size, 0, dtype)
     compute = ShardCompute(setup.layout, cfg.activation, cfg.loss, dtype,
                            min(EVAL_ROWS, max(len(setup.train), 1)))
-    run = Run(setup, comm, log, Evaluator(setup, compute, comm, dtype), monitor)
+    run = Run(setup, log, exchange, Evaluator(setup, compute, exchange), monitor)
+    run.begin(run.load_start())
     stop.defer()  # the parameters exist: from now on a signal is honoured after a step
     tmpdir = tempfile.mkdtemp(prefix="ddp-coordinator-")
     coord = local = None
@@ -711,20 +714,19 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
         if spawn:
             local = LocalWorkers(spawn, _connect_endpoint(coord.endpoint), worker_threads, keys, tmpdir)
             coord.watchdog = lambda: local.check(coord)
-        grad_sum = np.empty(setup.layout.size, dtype)
         started = coord._wait_for_workers(max(cfg.min_workers, spawn))  # all local ones at first
         run.start_clock()
         if monitor is not None:
             monitor.set_workers(len(coord.members))
         while started and not run.done:
             t0 = time.perf_counter()
-            result = coord.run_step(run.step, run.params, grad_sum)
+            result = coord.run_step(run.step, run.params, exchange.grad)
             if result is None:
                 break
             loss, correct, n = result
             wall = time.perf_counter() - t0
             compute = min(coord.step_compute, wall)  # the slowest shard; the rest is exchange
-            run.apply_(grad_sum, loss, correct, n, t0, compute, wall - compute)
+            run.update_(loss, correct, n, t0, compute, wall - compute)
             if stop.signum:
                 break
         run.world_size = len(coord.members)
@@ -748,7 +750,7 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
             "recovery_seconds": coord.recoveries,
             "refused_keys": keys.refused if keys else 0,
         })
-        return summary, run.params
+        return summary
     except DivergedError:
         reason = "training diverged"
         raise

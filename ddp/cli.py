@@ -80,9 +80,11 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     wall_start = time.perf_counter()
     quiet_float_warnings()
     from coordinator.mpi import LocalComm, launched_rank, launched_size, make_comm
-    from coordinator.trainer import StopRequest, summary_text, train
+    from coordinator.run import summary_text
+    from coordinator.trainer import train
 
     from .setup import prepare
+    from .signals import StopRequest
 
     serving = prog == "ddp-coordinator"
     speaks = launched_rank() == 0 if comm is None else comm.rank == 0
@@ -169,11 +171,11 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         if cfg.backend == "zmq":
             from coordinator.server import serve
 
-            summary, _ = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads,
+            summary = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads,
                                monitor=monitor)
             summary["wall_seconds"] = time.perf_counter() - wall_start
         else:
-            summary, _ = train(setup, comm, log, stop, wall_start, monitor)
+            summary = train(setup, comm, log, stop, wall_start, monitor)
         summary["threads_per_rank"] = threads
         code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
         if comm.rank == 0:

@@ -1,8 +1,11 @@
-"""SGD with momentum and L2, in place on one flat parameter buffer.
+"""Optimizers: in place on one flat parameter buffer, or on a part [lo, hi) of it.
 
-The optimizer never knows how the gradient was summed: it is handed the
-gradient of the mean loss (summed over all shards, divided by the global
-sample count) and updates `params` in place; its only state is the velocity.
+An optimizer never knows how the gradient was summed: the exchange hands it the
+sum of per-sample gradients over the global batch (or the part [lo, hi) of that
+sum it owns) and the sample count, and it moves the same part of the parameters.
+Its state is `slots` arrays shaped like the parameters, `state[k]`, held where the
+exchange puts them (one shared copy on a host under the shared window), so that
+a part [lo, hi) of the state goes with the same part of the parameters.
 """
 from __future__ import annotations
 
@@ -12,9 +15,27 @@ from .model import Layout
 
 
 class SGD:
-    def __init__(self, layout: Layout, dtype, lr: float, momentum: float = 0.0, l2: float = 0.0):
+    """SGD with momentum and L2 on the weight matrices.
+
+    Parameters
+    ----------
+    layout : Layout
+        Where each layer's weights and biases lie in the flat buffer.
+    dtype : numpy dtype
+        Of the parameters (and so of the state).
+    lr, momentum, l2 : float
+        Learning rate, momentum μ (0: plain SGD), L2 coefficient λ.
+    state : ndarray of shape (1, layout.size), optional
+        Where the velocity lives (zeros); allocated here if not given.
+    """
+
+    slots = 1  # per-parameter state arrays: the velocity
+
+    def __init__(self, layout: Layout, dtype, lr: float, momentum: float = 0.0, l2: float = 0.0,
+                 state: np.ndarray | None = None):
         self.lr, self.momentum, self.l2 = lr, momentum, l2
-        self.velocity = np.zeros(layout.size, dtype=dtype)
+        self.state = np.zeros((self.slots, layout.size), dtype=dtype) if state is None else state
+        self.velocity = self.state[0]
         # L2 applies to the weight matrices only, which are the leading block of
         # each layer's slice; keep (start, stop) ranges instead of a full mask.
         self._weight_ranges = [(off, off + int(np.prod(shape)))
@@ -54,3 +75,10 @@ class SGD:
         else:
             g *= self.lr
         p -= g
+
+
+def make_optimizer(cfg, layout: Layout, state_for=None) -> SGD:
+    """The optimizer `cfg` asks for; `state_for(slots)` gives room for its state (the
+    exchange's, so that it lives where the parameters do)."""
+    state = state_for(SGD.slots) if state_for is not None else None
+    return SGD(layout, np.dtype(cfg.dtype), cfg.lr, cfg.momentum, cfg.l2, state)

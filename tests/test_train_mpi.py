@@ -1,17 +1,19 @@
-"""End to end through the real CLI, alone and under `mpirun -n 2/3/4`."""
+"""End to end through the CLI: under `mpirun -n 2/3/4`, and the one-process
+references in this process (the same entry point on a world of one)."""
 import json
 
 import numpy as np
 import pytest
 
 from conftest import load_model, read_json, train
+from inproc import train_here
 
 
 def test_worked_example_one_step(tmp_path):
     """2-2-1 net, identity hidden layer, no bias, mse, x = (1, 0.5), t = 4, lr 0.1."""
     np.savez(tmp_path / "one.npz", X=np.array([[1.0, 0.5]]), y=np.array([4.0]))
     np.savez(tmp_path / "init.npz", W0=np.array([[0.5, 2.3], [1.5, 3.0]]), W1=np.array([[1.0], [1.0]]))
-    r = train(["--data", str(tmp_path / "one.npz"), "--layers", "2,2,1", "--activation", "identity",
+    r = train_here(["--data", str(tmp_path / "one.npz"), "--layers", "2,2,1", "--activation", "identity",
                     "--no-bias", "--loss", "mse", "--lr", "0.1", "--momentum", "0", "--batch-size", "1",
                     "--steps", "1", "--dtype", "float64", "--init", str(tmp_path / "init.npz"),
                     "--output", str(tmp_path / "out.npz"), "--summary-json", str(tmp_path / "s.json")])
@@ -35,7 +37,7 @@ def _run(tmp_path, name, n, extra=()):
             "--batch-size", "7", "--steps", "40", "--dtype", "float64", "--lr", "0.2", "--l2", "1e-3",
             "--output", str(out), "--summary-json", str(summ), "--val-fraction", "0.2",
             "--eval-every", "10", *extra]
-    r = train(args, n=n, timeout=120)
+    r = train_here(args) if n == 1 else train(args, n=n, timeout=120)
     assert r.returncode == 0, r.stderr
     return load_model(out), read_json(summ)
 
@@ -56,7 +58,7 @@ def test_more_ranks_than_samples_in_a_batch_is_handled(tmp_path):
     """Batch 3 over 4 ranks: one rank has an empty shard every step, and the result is exact."""
     base = ["--data", "spiral", "--samples", "10", "--layers", "2,8,3", "--batch-size", "3",
             "--steps", "12", "--dtype", "float64"]
-    a = train(base + ["--output", str(tmp_path / "a.npz")], n=None)
+    a = train_here(base + ["--output", str(tmp_path / "a.npz")])
     b = train(base + ["--output", str(tmp_path / "b.npz")], n=4)
     assert a.returncode == 0 and b.returncode == 0, b.stderr
     ma, mb = load_model(tmp_path / "a.npz"), load_model(tmp_path / "b.npz")
@@ -79,7 +81,7 @@ def test_default_run_on_four_ranks_learns_the_spiral(tmp_path):
 
 def test_config_file_is_read_and_flags_override_it(tmp_path):
     (tmp_path / "c.toml").write_text('layers = [2, 8, 3]\nsteps = 5\nbatch_size = 10\nlr = 0.05\n')
-    r = train(["--config", str(tmp_path / "c.toml"), "--steps", "3", "--summary-json",
+    r = train_here(["--config", str(tmp_path / "c.toml"), "--steps", "3", "--summary-json",
                str(tmp_path / "s.json")])
     assert r.returncode == 0, r.stderr
     s = read_json(tmp_path / "s.json")

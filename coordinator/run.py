@@ -1,0 +1,320 @@
+"""One run's bookkeeping, the same under MPI and ZeroMQ: the parameters and the
+optimizer, each step's update (through the exchange), the log line, evaluation,
+checkpoints and the summary.
+
+The MPI loop and the ZeroMQ coordinator differ only in how a step's gradient sums
+come together; each then calls `Run.update_(loss_sum, correct, n, ...)`, and the
+run asks its exchange to move the parameters.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import numpy as np
+
+from ddp import checkpoint as ckpt
+from ddp import data as ddata
+from ddp.errors import DivergedError
+from ddp.log import Log, human_bytes
+from ddp.monitor import Monitor
+from ddp.optim import make_optimizer
+from ddp.setup import Setup
+from ddp.signals import StopRequest
+from worker.compute import ShardCompute
+
+from .start import load_start
+
+
+def model_config(setup: Setup) -> dict:
+    cfg = setup.cfg
+    out = {"layers": list(cfg.layers), "activation": cfg.activation, "loss": cfg.loss,
+           "bias": cfg.bias, "dtype": cfg.dtype, "standardize": None, "training": cfg.to_dict()}
+    if setup.mean is not None:
+        out["standardize"] = {"mean": setup.mean.tolist(), "std": setup.std.tolist()}
+    return out
+
+
+class Evaluator:
+    """Data-parallel evaluation: each process takes a contiguous shard of the set and
+    the exchange sums the shards' loss and counts."""
+
+    def __init__(self, setup: Setup, compute: ShardCompute, exchange):
+        self.setup, self.compute, self.exchange = setup, compute, exchange
+        self.sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, count
+        self.dtype = np.dtype(setup.cfg.dtype)
+
+    def __call__(self, dataset: ddata.Dataset, params_views) -> tuple[float, float | None]:
+        """(mean loss, accuracy or None for mse) over the whole dataset."""
+        rows = self.compute.max_rows
+        reader = ddata.BatchReader(dataset, self.setup.schedule, rows, self.dtype,
+                                   self.setup.mean, self.setup.std)
+        lo, hi = ddata.shard_bounds(len(dataset), self.exchange.world_size, self.exchange.rank)
+        self.sums[:] = 0
+        for start in range(lo, hi, rows):
+            x, y = reader.rows(slice(start, min(start + rows, hi)))
+            loss_sum, correct = self.compute.eval_sums(params_views, x, y)
+            self.sums += (loss_sum, correct, len(x))
+        self.exchange.sum_(self.sums)
+        loss_sum, correct, count = self.sums
+        accuracy = correct / count if self.setup.cfg.loss == "cross-entropy" else None
+        return loss_sum / count, accuracy
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+class Run:
+    """What both backends do around the summed gradients: hold the parameters and the
+    optimizer, have the exchange apply each step's update, log, evaluate, checkpoint,
+    summarize.
+
+    Parameters
+    ----------
+    setup : Setup
+        The run's config, data, model layout and schedule.
+    log : Log
+        Where the run's lines go (only the root's speak).
+    exchange
+        How the step's sums meet and the parameters move (`coordinator.exchange`);
+        its `params` are the run's parameters.
+    evaluate : Evaluator
+        Mean loss and accuracy of a dataset at the current parameters.
+    monitor : Monitor, optional
+        The metrics, on the root only.
+    """
+
+    def __init__(self, setup: Setup, log: Log, exchange, evaluate: Evaluator,
+                 monitor: Monitor | None = None):
+        cfg, layout = setup.cfg, setup.layout
+        self.setup, self.cfg, self.layout, self.log, self.evaluate = setup, cfg, layout, log, evaluate
+        self.exchange, self.monitor = exchange, monitor
+        self.rank, self.world_size = exchange.rank, exchange.world_size
+        self.opt = make_optimizer(cfg, layout, exchange.optimizer_state)
+        self.params = exchange.params
+        self.params_views = layout.views(self.params)
+        self.series = ckpt.Series(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.total = setup.total_steps
+        self.spe = setup.schedule.steps_per_epoch
+        self.last_checkpoint = None
+        self.interval = np.zeros(3)  # loss sum, correct, count since the last log line
+        self.times = [0, 0.0, 0.0, 0.0]  # steps; step, compute, exchange s since the last log line
+        self.samples = 0
+        self.val_loss = self.val_acc = None
+        self.t_eval = 0.0
+        self.t_loop = None
+        self.begin(0)
+
+    def load_start(self) -> int:
+        """The root: parameters and optimizer state from a checkpoint, --init or the
+        seed (then shared by the exchange); the step to start from."""
+        return load_start(self.setup, self.log, self.params, self.opt, self.series)
+
+    def begin(self, step: int) -> None:
+        """Train from `step` on."""
+        self.step = self.start_step = step
+        self.log_every = self.cfg.log_every or max(1, (self.total - step) // 20)
+        # steady state: the rate after the first steps (BLAS and caches warm), for benchmarks
+        self.steady_from = step + min(20, (self.total - step) // 5)
+        self.steady_mark = None  # (perf_counter, t_eval, samples) when steady_from was reached
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    def start_clock(self) -> None:
+        self.log.start_progress(self.cfg.progress, self.total, self.start_step)
+        self.t_loop = time.perf_counter()
+        if self.monitor is not None:
+            self.monitor.start(self.step, self.spe, self.world_size)
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.t_loop - self.t_eval
+
+    def check_loss(self, loss_sum: float, n_samples: int) -> None:
+        """Stop every rank alike (the sums are the same everywhere) on a NaN/Inf batch loss
+        or one above --max-loss, before the step is applied."""
+        batch_loss = loss_sum / n_samples
+        limit = self.cfg.max_loss
+        if math.isfinite(batch_loss) and (limit is None or batch_loss <= limit):
+            return
+        kept = f"; the last good checkpoint is step {self.last_checkpoint}" \
+            if self.last_checkpoint is not None else ""
+        what = f"loss became {batch_loss}" if not math.isfinite(batch_loss) else \
+            f"loss {batch_loss:.6g} exceeded --max-loss {limit:g}"
+        raise DivergedError(f"{what} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
+                            f"lower --lr or check the data{kept}")
+
+    def update_(self, loss_sum: float, correct: float, n_samples: int,
+                started: float, t_compute: float, t_exchange: float) -> None:
+        """One step from the sums of the whole global batch: the exchange moves the
+        parameters; then the log line, evaluation and checkpoint that are due.
+        `started` is the step's perf_counter start; the others are its compute and
+        gradient-exchange seconds."""
+        self.check_loss(loss_sum, n_samples)
+        self.interval += (loss_sum, correct, n_samples)
+        monitor = self.monitor
+        norm = self.exchange.apply_(self.opt, n_samples,
+                                    monitor.window_due if monitor is not None else None)
+        if norm is not None and monitor is not None:  # measured when the metrics want it
+            monitor.grad_norm = norm / n_samples
+        self.step += 1
+        self.samples += n_samples
+        step, cfg = self.step, self.cfg
+        if step == self.steady_from:
+            self.steady_mark = (time.perf_counter(), self.t_eval, self.samples)
+        if monitor is not None:
+            t_step = time.perf_counter() - started
+            times = self.times
+            times[0] += 1
+            times[1] += t_step
+            times[2] += t_compute
+            times[3] += t_exchange
+            monitor.step_done(step, n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
+        if cfg.eval_every and self.setup.val is not None and step % cfg.eval_every == 0:
+            te = time.perf_counter()
+            self._set_state("evaluating")
+            self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            if monitor is not None:
+                monitor.evaluated(step, self.val_loss, self.val_acc)
+                monitor.set_state("training")
+            self.t_eval += time.perf_counter() - te
+        if step % self.log_every == 0 or step == self.total:
+            self._log_line()
+        self.log.advance()
+        if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
+            # params are identical on every rank, so every rank takes this branch alike
+            if not np.isfinite(self.params).all():
+                raise DivergedError(f"parameters became NaN/Inf at step {step}; lower --lr")
+            self.write_checkpoint()
+
+    def _set_state(self, state: str) -> None:
+        if self.monitor is not None:
+            self.monitor.set_state(state)
+
+    def _log_line(self) -> None:
+        loss, correct, count = self.interval
+        loss = loss / count + self.opt.l2_penalty(self.params)
+        accuracy = correct / count if self.cfg.loss == "cross-entropy" else None
+        samples_per_second = self.samples / max(self.train_seconds(), 1e-9)
+        epoch = self.step // self.spe + (self.step % self.spe > 0)
+        line = f"step {self.step}/{self.total} epoch {epoch} loss {loss:.4f}"
+        if accuracy is not None:
+            line += f" acc {accuracy:.3f}"
+        if self.val_loss is not None:
+            line += f" val_loss {self.val_loss:.4f}" + (
+                f" val_acc {self.val_acc:.3f}" if self.val_acc is not None else "")
+        line += f" samples/s {samples_per_second:,.0f}"
+        if self.log.has_bar:
+            self.log.bar.set_postfix_str(line.split(" ", 2)[2], refresh=False)
+        else:
+            self.log.info(line)
+        if self.monitor is not None:
+            n = max(self.times[0], 1)
+            t_step, t_compute, t_exchange = (t / n for t in self.times[1:])
+            self.monitor.event("step", step=self.step, epoch=self.step / self.spe, loss=loss,
+                               accuracy=accuracy, val_loss=self.val_loss, val_accuracy=self.val_acc,
+                               samples_per_second=samples_per_second, step_seconds=t_step,
+                               compute_seconds=t_compute, exchange_seconds=t_exchange)
+        self.interval[:] = 0
+        self.times = [0, 0.0, 0.0, 0.0]
+
+    def meta(self) -> dict:
+        epoch, k = divmod(self.step, self.spe)
+        return {"epoch": epoch, "batch_in_epoch": k, "world_size": self.world_size,
+                "config": self.cfg.to_dict(), "data_fingerprint": self.setup.fingerprint()}
+
+    def write_checkpoint(self) -> None:
+        if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
+            self.last_checkpoint = self.step
+            self._set_state("checkpointing")
+            path = self.series.save(self.step, self.params, self.opt.velocity, self.meta())
+            self.log.info(f"checkpoint {path}")
+            if self.monitor is not None:
+                self.monitor.checkpointed(self.step, path)
+                self.monitor.set_state("training")
+
+    def steady(self) -> dict | None:
+        """Steps, seconds and samples/s from `steady_from` on (evaluation time excluded)."""
+        if self.steady_mark is None or self.step <= self.steady_from:
+            return None
+        t, t_eval, samples = self.steady_mark
+        seconds = time.perf_counter() - t - (self.t_eval - t_eval)
+        return {"from_step": self.steady_from, "steps": self.step - self.steady_from,
+                "seconds": seconds, "samples_per_second": (self.samples - samples) / seconds}
+
+    def finish(self, stop: StopRequest, extra: dict | None = None) -> dict:
+        """Checkpoint; unless interrupted, evaluate and write the model; the summary."""
+        self.log.close_progress()
+        train_seconds = self.train_seconds()
+        steady = self.steady()
+        cfg, step, total = self.cfg, self.step, self.total
+        interrupted = step < total
+        self.write_checkpoint()
+        if interrupted:
+            signame = signal.Signals(stop.signum).name
+            where = (f"checkpoint in {cfg.checkpoint_dir}; run the same command to resume"
+                     if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
+            self.log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
+        final_loss = train_acc = None
+        if not interrupted:  # a stopped job exits promptly: no final pass over the data
+            self._set_state("evaluating")
+            final_loss, train_acc = self.evaluate(self.setup.train, self.params_views)
+            final_loss += self.opt.l2_penalty(self.params)
+            if self.setup.val is not None:
+                self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            if self.rank == 0 and cfg.output:
+                ckpt.save_model(cfg.output, self.layout, self.params, model_config(self.setup))
+                self.log.info(f"model written to {cfg.output}")
+            if stop.signum:  # the run was complete: nothing to resume, so it exits 0
+                self.log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: "
+                              f"the run finished its evaluation{' and model' * bool(cfg.output)} "
+                              f"and exits 0")
+        summary = {
+            "steps": step,
+            "total_steps": total,
+            "epochs": step / self.spe,
+            "world_size": self.world_size,
+            "final_loss": final_loss,
+            "train_accuracy": train_acc,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_acc,
+            "samples_per_second": self.samples / train_seconds if train_seconds > 0 else None,
+            "train_seconds": train_seconds,
+            "steady": steady,
+            "resumed_from_step": self.start_step,
+            "interrupted": interrupted,
+            "signal": stop.signum or None,
+            "layers": list(self.layout.layers),
+            "parameters": self.layout.size,
+            "dtype": cfg.dtype,
+        }
+        summary.update(extra or {})
+        return summary
+
+
+def _who(s: dict) -> str:
+    n = s["world_size"]
+    if s.get("backend") == "zmq":
+        return f"{n} worker{'s' * (n != 1)}"
+    return f"{n} rank{'s' * (n > 1)}"
+
+
+def summary_text(s: dict) -> str:
+    if s["interrupted"]:
+        return (f"stopped: {s['steps']}/{s['total_steps']} steps on {_who(s)}, "
+                f"{_fmt(s['samples_per_second'], ',.0f')} samples/s")
+    acc = "" if s["train_accuracy"] is None else f" accuracy {s['train_accuracy']:.4f}"
+    val = ""
+    if s["val_loss"] is not None:
+        val = f", val loss {s['val_loss']:.4f}" + (
+            "" if s["val_accuracy"] is None else f" accuracy {s['val_accuracy']:.4f}")
+    if s.get("backend") == "zmq":
+        exchange = f"{human_bytes(s['bytes_per_step'])} sent+received per step"
+    else:
+        exchange = f"exchange {_fmt(s['allreduce_fraction'], '.1%')} of step time"
+    return (f"done: {s['steps']} steps on {_who(s)}, loss {s['final_loss']:.4f}{acc}{val}, "
+            f"{_fmt(s['samples_per_second'], ',.0f')} samples/s, {exchange}, "
+            f"wall {s['wall_seconds']:.2f} s")
