@@ -1,17 +1,21 @@
 """Inputs that once ended in a traceback (MemoryError, OverflowError, ValueError,
 TypeError) or were accepted wrongly (issue 12, item 9): each is one `PROG: error` line
-and exit 2, through the real command; the validation functions in process where no
-process is needed.
+and exit 2. The commands run in the test process (`in_process`), as their entry points,
+with a time limit; one case of each kind runs the real command as a subprocess, for the
+exit code and the single line of a real process; the validation functions are called
+directly where no command is needed.
 """
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 
 import conftest
 from conftest import PY, predict, run, train
+from test_bad_input import predict_in, train_in
 
 TIMEOUT = 60
 
@@ -20,6 +24,16 @@ def expect_error(res, prog: str, *fragments: str) -> str:
     line = conftest.expect_error(res, prog, *fragments)
     assert "Warning" not in res.stderr, res.stderr  # no numpy warning line either
     return line
+
+
+def in_process(command, args: list) -> conftest.Result:
+    """`command(args)` (train_in or predict_in), and no warning: a subprocess would print
+    one on stderr, where expect_error looks; in process the warnings are recorded."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = command(args)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    return res
 
 
 # --- ddp-train: flags and config files ----------------------------------------------------
@@ -45,7 +59,11 @@ FLAG_CASES = [  # (id, flags, fragments of the error line)
 
 @pytest.mark.parametrize("flags,fragments", [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES])
 def test_train_flag_out_of_bounds(flags, fragments):
-    res = train([*flags, "--steps", "1"] if "--steps" not in flags else flags, timeout=TIMEOUT)
+    args = [*flags, "--steps", "1"] if "--steps" not in flags else flags
+    if "zmq" in flags:  # a real process: code that regressed would start a coordinator and
+        res = train(args, timeout=TIMEOUT)  # its workers, which the timeout kills as a group
+    else:
+        res = in_process(train_in, args)
     expect_error(res, "ddp-train", *fragments)
 
 
@@ -61,11 +79,12 @@ TOML_CASES = [
 def test_train_config_file_values(tmp_path, text, fragments):
     path = tmp_path / "run.toml"
     path.write_text(text + "\nsteps = 1\n")
-    res = train(["--config", str(path)], timeout=TIMEOUT)
+    res = in_process(train_in, ["--config", str(path)])
     expect_error(res, "ddp-train", *fragments)
 
 
 def test_worker_threads_out_of_bounds():
+    # a real process: without --retry-for, code that regressed would try to connect forever
     res = run([PY, "-m", "ddp", "worker", "--connect", "tcp://127.0.0.1:1", "--threads",
                "99999999999999999999"], timeout=TIMEOUT)
     expect_error(res, "ddp-worker", "--threads", "1024")
@@ -97,7 +116,7 @@ def _data(tmp_path, kind: str) -> str:
 ])
 def test_train_refuses_data(tmp_path, kind, fragments):
     path = _data(tmp_path, kind)
-    res = train(["--data", path, "--layers", "2,8,3", "--steps", "1"], timeout=TIMEOUT)
+    res = in_process(train_in, ["--data", path, "--layers", "2,8,3", "--steps", "1"])
     expect_error(res, "ddp-train", f"--data {path}", *fragments)
 
 
@@ -119,7 +138,7 @@ def test_in_process_checks_of_the_same_data(tmp_path):
 @pytest.fixture(scope="module")
 def model_arrays(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m.npz"
-    res = train(["--steps", "2", "--standardize", "--output", str(path)], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", "--standardize", "--output", str(path)])
     assert res.returncode == 0, res.stderr
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -140,18 +159,32 @@ MODEL_CASES = [  # (id, change to the config, fragment)
 
 @pytest.mark.parametrize("change,fragment", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
 def test_predict_refuses_a_crafted_model_config(tmp_path, model_arrays, change, fragment):
+    path = _crafted(tmp_path, model_arrays, change)
+    res = in_process(predict_in, ["--model", str(path), "--data", "spiral"])
+    expect_error(res, "ddp-predict", f"--model {path}", fragment)
+
+
+def test_predict_refuses_a_crafted_model_config_through_the_real_command(tmp_path, model_arrays):
+    """One case above in a process of its own: exit 2, one line, no traceback or warning."""
+    change, fragment = {c[0]: c[1:] for c in MODEL_CASES}["std-zero"]
+    path = _crafted(tmp_path, model_arrays, change)
+    res = predict(["--model", str(path), "--data", "spiral"], timeout=TIMEOUT)
+    expect_error(res, "ddp-predict", f"--model {path}", fragment)
+
+
+def _crafted(tmp_path, model_arrays, change):
+    """The model file with `change` made to its config."""
     config = json.loads(str(model_arrays["config"]))
     change(config)
     path = tmp_path / "crafted.npz"
     np.savez(path, **dict(model_arrays, config=np.array(json.dumps(config))))
-    res = predict(["--model", str(path), "--data", "spiral"], timeout=TIMEOUT)
-    expect_error(res, "ddp-predict", f"--model {path}", fragment)
+    return path
 
 
 def test_predict_control_the_untouched_model_works(tmp_path, model_arrays):
     path = tmp_path / "m.npz"
     np.savez(path, **model_arrays)
-    res = predict(["--model", str(path), "--data", "spiral"], timeout=TIMEOUT)
+    res = in_process(predict_in, ["--model", str(path), "--data", "spiral"])
     assert res.returncode == 0 and "accuracy" in res.stdout, res.stderr
 
 
@@ -159,7 +192,7 @@ def test_predict_header_only_csv(tmp_path, model_arrays):
     path = tmp_path / "m.npz"
     np.savez(path, **model_arrays)
     csv = _data(tmp_path, "header-only-csv")
-    res = predict(["--model", str(path), "--data", csv], timeout=TIMEOUT)
+    res = in_process(predict_in, ["--model", str(path), "--data", csv])
     expect_error(res, "ddp-predict", f"--data {csv}", "no data rows")
 
 

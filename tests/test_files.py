@@ -5,6 +5,10 @@ refuses anything that is not a regular file, before opening it, with one line an
 exit 2. Outputs are replaced by an atomic rename, which would put a regular file in
 place of a device node, a FIFO or a symlink, so an existing target must be a regular
 file. Every command runs with a timeout: a regression fails instead of hanging.
+
+The checks need no process of their own, so most commands run in the test process
+(`train_in`, `predict_in`, `call_in`); one case of inputs and one of outputs run the
+real command, and so do the coordinator's keys and the signal.
 """
 from __future__ import annotations
 
@@ -14,10 +18,18 @@ import stat
 
 import pytest
 
-from conftest import PY, expect_error, predict, run, train
+from conftest import PY, Result, expect_error, run, train
+from inproc import call
+from test_bad_input import deadline, predict_in, train_in
 from zmq_helpers import procs  # noqa: F401 (fixture)
 
 TIMEOUT = 60
+
+
+def call_in(main, argv: list) -> Result:
+    """One of ddp.cli's run_* functions in this process, within a time limit."""
+    with deadline(TIMEOUT):
+        return call(main, argv)
 
 
 @pytest.fixture
@@ -36,29 +48,36 @@ def fifo(tmp_path):
                                        ("--config", "c.toml"), ("--init", "i.npz")])
 def test_train_refuses_a_fifo_input(fifo, flag, name):
     path = fifo(name)
-    res = train([flag, path, "--steps", "1"], timeout=TIMEOUT)
+    res = train_in([flag, path, "--steps", "1"])
     expect_error(res, "ddp-train", f"{flag} {path}", "named pipe")
+
+
+def test_train_refuses_a_fifo_input_through_the_real_command(fifo):
+    """One case above in a process of its own: exit 2 and one line from the real command."""
+    path = fifo("d.npz")
+    res = train(["--data", path, "--steps", "1"], timeout=TIMEOUT)
+    expect_error(res, "ddp-train", f"--data {path}", "named pipe")
 
 
 @pytest.mark.parametrize("flag", ["--data", "--init"])
 def test_train_refuses_a_directory_input(tmp_path, flag):
     d = tmp_path / "dir.npz"
     d.mkdir()
-    res = train([flag, str(d), "--steps", "1"], timeout=TIMEOUT)
+    res = train_in([flag, str(d), "--steps", "1"])
     expect_error(res, "ddp-train", f"{flag} {d}", "directory")
 
 
 def test_train_reads_through_a_symlink_to_a_regular_file(tmp_path, classification_npz):
     link = tmp_path / "link.npz"
     link.symlink_to(classification_npz)
-    res = train(["--data", str(link), "--steps", "2"], timeout=TIMEOUT)
+    res = train_in(["--data", str(link), "--steps", "2"])
     assert res.returncode == 0, res.stderr
 
 
 @pytest.fixture
 def model_file(tmp_path):
     path = tmp_path / "model.npz"
-    res = train(["--steps", "2", "--output", str(path)], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", "--output", str(path)])
     assert res.returncode == 0, res.stderr
     return path
 
@@ -71,13 +90,15 @@ def test_predict_refuses_a_fifo(model_file, fifo, which):
     else:
         path = fifo("d." + which.split()[1])
         args = ["--model", str(model_file), "--data", path]
-    res = predict(args, timeout=TIMEOUT)
+    res = predict_in(args)
     expect_error(res, "ddp-predict", f"{which.split()[0]} {path}", "named pipe")
 
 
 @pytest.fixture
 def keydir(tmp_path):
-    res = run([PY, "-m", "ddp", "keygen", str(tmp_path / "keys")], timeout=TIMEOUT)
+    from ddp.cli import run_keygen
+
+    res = call_in(run_keygen, [str(tmp_path / "keys")])
     assert res.returncode == 0, res.stderr
     return tmp_path / "keys"
 
@@ -87,9 +108,11 @@ def test_worker_key_fifo_says_what_it_is(keydir, fifo, which):
     path = fifo("k.key")
     keys = {"--curve-secret": str(keydir / "worker.key_secret"),
             "--server-key": str(keydir / "coordinator.key"), which: path}
-    res = run([PY, "-m", "ddp", "worker", "--connect", "tcp://127.0.0.1:1", "--retry-for", "1",
-               "--curve-secret", keys["--curve-secret"], "--server-key", keys["--server-key"]],
-              timeout=TIMEOUT)
+    from ddp.cli import run_worker
+
+    res = call_in(run_worker, ["--connect", "tcp://127.0.0.1:1", "--retry-for", "1",
+                               "--curve-secret", keys["--curve-secret"],
+                               "--server-key", keys["--server-key"]])
     line = expect_error(res, "ddp-worker", f"{which} {path}", "named pipe")
     assert "no such file" not in line
 
@@ -102,6 +125,7 @@ def test_coordinator_key_fifo_says_what_it_is(keydir, tmp_path, fifo, which):
     else:  # a FIFO among the authorized public keys
         path = str(authorized / "intruder.key")
         os.mkfifo(path)
+    # a real process: code that regressed would bind and serve, which only a process ends
     res = run([PY, "-m", "ddp", "coordinator", "--bind", "tcp://127.0.0.1:1", "--steps", "1",
                "--curve-secret", secret, "--authorized-keys", str(authorized)], timeout=TIMEOUT)
     expect_error(res, "ddp-coordinator", path, "named pipe")
@@ -153,7 +177,7 @@ def test_output_device_node_is_refused_and_left_alone(tmp_path):
     replace the real /dev/null of the machine (as root), which is what this guards against."""
     node = tmp_path / "null"
     os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    res = train(["--steps", "2", "--output", str(node)], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", "--output", str(node)])
     expect_error(res, "ddp-train", f"--output {node}", "character device")
     after = os.lstat(node)
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == os.makedev(1, 3)
@@ -173,8 +197,16 @@ def test_dev_null_is_refused_in_process():
 @pytest.mark.parametrize("flag", ["--output", "--summary-json", "--log-jsonl"])
 def test_output_fifo_is_refused(fifo, flag):
     path = fifo("out")
-    res = train(["--steps", "2", flag, path], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", flag, path])
     expect_error(res, "ddp-train", f"{flag} {path}", "named pipe")
+    assert stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def test_output_fifo_is_refused_through_the_real_command(fifo):
+    """One case above in a process of its own: exit 2 and one line from the real command."""
+    path = fifo("out")
+    res = train(["--steps", "2", "--output", path], timeout=TIMEOUT)
+    expect_error(res, "ddp-train", f"--output {path}", "named pipe")
     assert stat.S_ISFIFO(os.lstat(path).st_mode)
 
 
@@ -184,7 +216,7 @@ def test_output_symlink_is_refused_and_kept(tmp_path, flag):
     target.write_text("keep me")
     link = tmp_path / "link"
     link.symlink_to(target)
-    res = train(["--steps", "2", flag, str(link)], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", flag, str(link)])
     expect_error(res, "ddp-train", f"{flag} {link}", "symbolic link", str(target))
     assert link.is_symlink() and target.read_text() == "keep me"
 
@@ -192,6 +224,6 @@ def test_output_symlink_is_refused_and_kept(tmp_path, flag):
 def test_output_directory_is_refused_before_training(tmp_path):
     d = tmp_path / "model.npz"
     d.mkdir()
-    res = train(["--steps", "2", "--output", str(d)], timeout=TIMEOUT)
+    res = train_in(["--steps", "2", "--output", str(d)])
     expect_error(res, "ddp-train", f"--output {d}", "directory")
     assert "done:" not in res.stdout
