@@ -155,6 +155,7 @@ return {
   loss: pts('chart-loss'), accuracy: pts('chart-accuracy'),
   throughput: pts('chart-throughput'), steptime: pts('chart-steptime'),
   lossData: d && d.charts.loss ? d.charts.loss.data[1].filter(v => v != null) : [],
+  exchangeData: d && d.charts.steptime ? d.charts.steptime.raw.exchange.filter(v => v != null) : [],
   hasAccuracyChart: !!(d && d.charts.accuracy) && !document.getElementById('card-accuracy').hidden,
   state: d ? d.state() : null,
   polling: d ? d.polling() : null,
@@ -227,6 +228,8 @@ def test_dashboard_during_a_run(tmp_path, procs, browser):  # noqa: F811 (procs 
     assert page["badge"] == page["state"], page
     assert page["progress"].startswith("step ") and "/ 2,000,000" in page["progress"], page
     assert len(page["lossData"]) >= 1 and all(0 < v < 10 for v in page["lossData"]), page
+    # the step-time chart's exchange part: /api/history's exchange_seconds, in ms
+    assert len(page["exchangeData"]) >= 1 and all(v >= 0 for v in page["exchangeData"]), page
     # cross-entropy on the spiral: accuracy exists, so its chart is shown
     assert page["hasAccuracyChart"] and page["accuracy"] >= 1, page
     names = sorted(row[0] for row in page["workers"])

@@ -30,7 +30,7 @@ SBATCH = DEPLOY / "slurm" / "ddp-train.sbatch"
 SYSTEMD = DEPLOY / "systemd"
 K8S = DEPLOY / "k8s"
 
-# --- the metrics of the observability spec (ddp/monitor.py exports them)
+# --- the metrics of the observability spec (ddp/monitor/ exports them)
 GAUGES = {
     "ddp_train_loss", "ddp_train_accuracy", "ddp_val_loss", "ddp_val_accuracy",
     "ddp_learning_rate", "ddp_grad_norm", "ddp_workers", "ddp_total_steps", "ddp_epoch",

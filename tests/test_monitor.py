@@ -1,5 +1,6 @@
 """Metrics, /healthz, /status, /api/history, --log-jsonl and --pushgateway: the Monitor's
-HTTP server on its own, then real runs under mpirun and ZeroMQ that serve them."""
+HTTP server on its own, then real runs under mpirun and ZeroMQ that serve them. (The
+recorded state and its views without a server: test_monitor_state.py.)"""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MPIRUN, free_port, rank_pids, kill_tree, one_error_line, train, train_cmd
 from ddp.monitor import BUCKETS, REJECT_REASONS, STATES, Monitor
+from inproc import train_here
 from zmq_helpers import procs  # noqa: F401 (fixture)
 
 # every sample the README and the Grafana dashboard rely on (cross-entropy runs)
@@ -71,11 +74,16 @@ def poll(fn, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def new_monitor() -> Monitor:
+    return Monitor(backend="mpi", total_steps=100, layers=(4, 8, 3), parameters=67, lr=0.05,
+                   classify=True, stall_timeout=0.3)
+
+
 @pytest.fixture
 def monitor():
-    m = Monitor(backend="mpi", total_steps=100, layers=(4, 8, 3), parameters=67, lr=0.05,
-                classify=True, stall_timeout=0.3)
-    port = m.serve("127.0.0.1", 0)
+    """A served Monitor that stops at once at the end (no wait for a last poll)."""
+    m = new_monitor()
+    port = m.serve("127.0.0.1", 0, linger=0)
     yield m, port
     m.close(0, None)
 
@@ -90,7 +98,7 @@ def test_steps_show_in_metrics_status_and_history(monitor):
     m.worker_report("rank-0", 0, None)
     for step in range(1, 6):
         m.step_done(step, n=32, loss_sum=32 * (1.0 / step), correct=16, t_step=0.002 * step,
-                    t_compute=0.0015 * step, t_comm=0.0005 * step)
+                    t_compute=0.0015 * step, t_exchange=0.0005 * step)
     m.worker_report("rank-0", 5, 0.0015)
     m.worker_report("rank-1", 4, 0.003)
     m.evaluated(5, 0.75, 0.625)
@@ -133,17 +141,6 @@ def test_steps_show_in_metrics_status_and_history(monitor):
                                "val_loss": 0.75, "val_accuracy": 0.625}]
     assert json.loads(get(port, f"/api/history?after={history['seq']}")[1])["val"] == []
     assert get(port, "/api/history?after=x")[0] == 400
-
-
-def test_history_points_are_means_over_a_window(monitor):
-    m, port = monitor
-    m.start(0, steps_per_epoch=50, n_workers=1)
-    m.window.start -= 10  # the window is due: the next step closes it
-    m.step_done(1, n=10, loss_sum=5.0, correct=4, t_step=0.01, t_compute=0.008, t_comm=0.002)
-    m.step_done(100, n=30, loss_sum=3.0, correct=30, t_step=0.03, t_compute=0.02, t_comm=0.01)
-    points = json.loads(get(port, "/api/history")[1])["train"]
-    assert [(p["step"], p["loss"], p["accuracy"]) for p in points] == [(1, 0.5, 0.4), (100, 0.1, 1.0)]
-    assert points[1]["step_seconds"] == 0.03 and points[1]["comm_seconds"] == 0.01
 
 
 def test_healthz_turns_503_when_steps_stall(monitor):
@@ -197,6 +194,28 @@ def test_openmetrics_is_served_when_asked_for(monitor):
     assert body.rstrip().endswith("# EOF")
 
 
+def test_a_watcher_sees_the_final_state_before_the_server_stops():
+    """Someone polled recently, so close() keeps serving until a poll has shown the end."""
+    m = new_monitor()
+    port = m.serve("127.0.0.1", 0, linger=60)
+    m.start(0, steps_per_epoch=10, n_workers=1)
+    m.step_done(1, 32, 1.0, 1, 0.01, 0.01, 0.0)
+    assert json.loads(get(port, "/api/history")[1])["state"] == "training"
+    summary = {"interrupted": False, "val_loss": 0.5, "val_accuracy": 0.75}
+    closing = threading.Thread(target=m.close, args=(0, summary))
+    closing.start()
+    try:
+        final = poll(lambda: (h := json.loads(get(port, "/api/history")[1]))["state"] == "done" and h,
+                     30, "the final state in /api/history")
+        closing.join(30)
+        assert not closing.is_alive(), "close() still waiting after the final state was polled"
+        assert final["state"] == "done"
+        with pytest.raises(OSError):  # and then the port is closed
+            get(port, "/status", timeout=2)
+    finally:
+        closing.join(60)
+
+
 # --- flags ---------------------------------------------------------------------------------
 
 
@@ -212,7 +231,7 @@ def test_openmetrics_is_served_when_asked_for(monitor):
     (["--metrics-addr", "256.1.1.1", "--metrics-port", "1"], "cannot serve there"),
 ])
 def test_bad_observability_flags_are_one_line_errors(args, needle, tmp_path):
-    r = train(["--steps", "2", *args], cwd=tmp_path, timeout=60)
+    r = train_here(["--steps", "2", *args], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert needle in one_error_line(r.stderr)
 
@@ -382,7 +401,7 @@ def test_pushgateway_receives_the_outcome(tmp_path):
 
 def test_an_unreachable_pushgateway_only_warns(tmp_path):
     port = free_port()  # nothing listens there
-    r = train(["--steps", "5", "--pushgateway", f"http://127.0.0.1:{port}"], cwd=tmp_path, timeout=60)
+    r = train_here(["--steps", "5", "--pushgateway", f"http://127.0.0.1:{port}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"--pushgateway http://127.0.0.1:{port}: push failed" in r.stderr
     assert "Traceback" not in r.stderr

@@ -28,7 +28,7 @@
     val: "#e8590c",
     sps: "#0f766e",
     compute: "#2563eb",
-    comm: "#e8590c",
+    exchange: "#e8590c",
     step: "#57606a"
   };
 
@@ -252,12 +252,12 @@
     });
     // stacked: series 1 = compute, series 2 = compute + communication (band between),
     // series 3 = the whole step; the legend shows each part's own value
-    var raw = { comm: [] };
+    var raw = { exchange: [] };
     charts.steptime = makeChart($("chart-steptime"), {
       series: [
         lineSeries("compute", COLORS.compute, fmtMsVal, { fill: "rgba(37,99,235,0.18)" }),
-        lineSeries("comm", COLORS.comm, fmtMsVal, {
-          value: function (u, v, si, i) { return fmtMsVal(i == null ? lastValue(raw.comm) : raw.comm[i]); }
+        lineSeries("comm", COLORS.exchange, fmtMsVal, {
+          value: function (u, v, si, i) { return fmtMsVal(i == null ? lastValue(raw.exchange) : raw.exchange[i]); }
         }),
         lineSeries("total", COLORS.step, fmtMsVal, { width: 1, dash: [3, 3] })
       ],
@@ -325,20 +325,20 @@
       if (!charts.accuracy) createAccuracyChart();
       setChartData(charts.accuracy, $("chart-accuracy"), mergeByStep("accuracy", "val_accuracy"));
     }
-    var xs = [], sps = [], comp = [], stack = [], whole = [], comm = [];
+    var xs = [], sps = [], comp = [], stack = [], whole = [], exchange = [];
     S.train.forEach(function (p) {
       var n = xs.length;
-      if (n && xs[n - 1] === p.step) { xs.pop(); sps.pop(); comp.pop(); stack.pop(); whole.pop(); comm.pop(); }
+      if (n && xs[n - 1] === p.step) { xs.pop(); sps.pop(); comp.pop(); stack.pop(); whole.pop(); exchange.pop(); }
       xs.push(p.step);
       sps.push(num(p.samples_per_second));
-      var c = num(p.compute_seconds), m = num(p.comm_seconds);
+      var c = num(p.compute_seconds), m = num(p.exchange_seconds);
       comp.push(c == null ? null : c * 1000);
-      comm.push(m == null ? null : m * 1000);
+      exchange.push(m == null ? null : m * 1000);
       stack.push(c == null || m == null ? null : (c + m) * 1000);
       whole.push(isNum(p.step_seconds) ? p.step_seconds * 1000 : null);
     });
     setChartData(charts.throughput, $("chart-throughput"), [xs, sps]);
-    charts.steptime.raw.comm = comm;
+    charts.steptime.raw.exchange = exchange;
     setChartData(charts.steptime, $("chart-steptime"), [xs, comp, stack, whole]);
   }
 
