@@ -18,7 +18,7 @@ from ddp import checkpoint as ckpt
 from ddp import data as ddata
 from ddp.errors import DivergedError
 from ddp.log import Log, human_bytes
-from ddp.monitor import Monitor
+from ddp.monitor import Monitor, StepTotals
 from ddp.optim import make_optimizer
 from ddp.setup import Setup
 from ddp.signals import StopRequest
@@ -99,8 +99,7 @@ class Run:
         self.total = setup.total_steps
         self.spe = setup.schedule.steps_per_epoch
         self.last_checkpoint = None
-        self.interval = np.zeros(3)  # loss sum, correct, count since the last log line
-        self.times = [0, 0.0, 0.0, 0.0]  # steps; step, compute, exchange s since the last log line
+        self.interval = StepTotals()  # since the last log line
         self.samples = 0
         self.val_loss = self.val_acc = None
         self.t_eval = 0.0
@@ -154,7 +153,6 @@ class Run:
         `started` is the step's perf_counter start; the others are its compute and
         gradient-exchange seconds."""
         self.check_loss(loss_sum, n_samples)
-        self.interval += (loss_sum, correct, n_samples)
         monitor = self.monitor
         norm = self.exchange.apply_(self.opt, n_samples,
                                     monitor.window_due if monitor is not None else None)
@@ -165,13 +163,9 @@ class Run:
         step, cfg = self.step, self.cfg
         if step == self.steady_from:
             self.steady_mark = (time.perf_counter(), self.t_eval, self.samples)
+        t_step = time.perf_counter() - started
+        self.interval.add(n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
         if monitor is not None:
-            t_step = time.perf_counter() - started
-            times = self.times
-            times[0] += 1
-            times[1] += t_step
-            times[2] += t_compute
-            times[3] += t_exchange
             monitor.step_done(step, n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
         if cfg.eval_every and self.setup.val is not None and step % cfg.eval_every == 0:
             te = time.perf_counter()
@@ -195,9 +189,9 @@ class Run:
             self.monitor.set_state(state)
 
     def _log_line(self) -> None:
-        loss, correct, count = self.interval
-        loss = loss / count + self.opt.l2_penalty(self.params)
-        accuracy = correct / count if self.cfg.loss == "cross-entropy" else None
+        totals = self.interval
+        loss = totals.mean_loss + self.opt.l2_penalty(self.params)
+        accuracy = totals.accuracy if self.cfg.loss == "cross-entropy" else None
         samples_per_second = self.samples / max(self.train_seconds(), 1e-9)
         epoch = self.step // self.spe + (self.step % self.spe > 0)
         line = f"step {self.step}/{self.total} epoch {epoch} loss {loss:.4f}"
@@ -212,14 +206,13 @@ class Run:
         else:
             self.log.info(line)
         if self.monitor is not None:
-            n = max(self.times[0], 1)
-            t_step, t_compute, t_exchange = (t / n for t in self.times[1:])
             self.monitor.event("step", step=self.step, epoch=self.step / self.spe, loss=loss,
                                accuracy=accuracy, val_loss=self.val_loss, val_accuracy=self.val_acc,
-                               samples_per_second=samples_per_second, step_seconds=t_step,
-                               compute_seconds=t_compute, exchange_seconds=t_exchange)
-        self.interval[:] = 0
-        self.times = [0, 0.0, 0.0, 0.0]
+                               samples_per_second=samples_per_second,
+                               step_seconds=totals.step_seconds,
+                               compute_seconds=totals.compute_seconds,
+                               exchange_seconds=totals.exchange_seconds)
+        totals.reset()
 
     def meta(self) -> dict:
         epoch, k = divmod(self.step, self.spe)
