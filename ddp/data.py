@@ -23,8 +23,9 @@ from .errors import DataError, UsageError
 from .files import check_input_file
 from .memory import check_array_fits
 
-# Independent random streams, all derived from the one --seed.
-STREAM_SPIRAL, STREAM_RANDOM, STREAM_SPLIT, STREAM_INIT, STREAM_EPOCH = 1, 2, 3, 4, 5
+# Independent random streams, all derived from the one --seed (4 is taken: the
+# parameter init in ddp.model draws from [seed, 4]).
+STREAM_SPIRAL, STREAM_RANDOM, STREAM_SPLIT, STREAM_EPOCH = 1, 2, 3, 5
 
 
 def rng_for(seed: int, stream: int, *key: int) -> np.random.Generator:
@@ -183,16 +184,28 @@ def read_csv_table(path: str, flag: str = "--data") -> np.ndarray:
     return table
 
 
-def load_csv(path: str, flag: str = "--data"):
-    """A CSV with a header row; all columns numeric; the target is the last column."""
+def load_csv(path: str, flag: str = "--data", n_inputs: int | None = None):
+    """(X, y) of a CSV with a header row; all columns numeric; the target is the last column.
+
+    With `n_inputs` (a model's input width) the target column is optional: a table
+    of exactly `n_inputs` columns is all inputs (y None), and the caller checks the
+    width of X against its model.
+    """
     table = read_csv_table(path, flag)
-    if table.shape[1] < 2:
+    if n_inputs is not None and table.shape[1] == n_inputs:
+        return table, None
+    if n_inputs is None and table.shape[1] < 2:
         raise DataError(f"{flag} {path}: needs at least one input column and the target column")
     return table[:, :-1], table[:, -1]
 
 
-def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True):
-    """(X, y) for a --data or --val-data spec."""
+def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True,
+               n_inputs: int | None = None):
+    """(X, y) for a --data or --val-data spec.
+
+    `need_y=False` lets an .npz go without y; `n_inputs` lets a CSV go without its
+    target column (see `load_csv`). y is None when the file has no targets.
+    """
     if spec == "spiral":
         n = cfg.samples or 100
         check_array_fits((3 * n, 3), 8, f"--data spiral --samples {n:,}", "use fewer --samples")
@@ -205,7 +218,7 @@ def load_table(spec: str, cfg, flag: str = "--data", need_y: bool = True):
     if lower.endswith(".npz"):
         return load_npz(spec, flag, need_y)
     if lower.endswith(".csv") or lower.endswith(".csv.gz"):
-        return load_csv(spec, flag)
+        return load_csv(spec, flag, n_inputs)
     if not os.path.exists(spec):
         raise DataError(f"{flag} {spec}: no such file, and not one of spiral, digits, random:N")
     raise DataError(f"{flag} {spec}: unknown format; use a .npz (arrays X, y) or a .csv with a header")
