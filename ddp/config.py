@@ -23,8 +23,8 @@ from .validation import DTYPES, MAX_COUNT, MAX_LAYER, validate
 
 # validate and the limits live in ddp.validation; they are importable from here too
 __all__ = ["BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "Config",
-           "build_parser", "config_from_job", "job_config", "load_toml", "parse_layers", "resolve",
-           "validate"]
+           "build_parser", "command_parser", "config_from_job", "job_config", "load_toml",
+           "parse_layers", "resolve", "validate"]
 
 BUCKET_MB = 4.0  # default gradient bucket size (see the README's Benchmarks section)
 
@@ -238,6 +238,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def command_parser(prog: str, description: str) -> _Parser:
+    """The parser of one command: no abbreviated flags, `description` shown as written."""
+    return _Parser(prog=prog, description=description, allow_abbrev=False,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _flag_type(kind: str):
     def convert(text: str):
         if kind == "layers":
@@ -253,8 +259,7 @@ def _flag_type(kind: str):
 
 def build_parser(prog: str, description: str, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """Flags for every Config field but those in `exclude`."""
-    p = _Parser(prog=prog, description=description, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(prog, description)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
                    "(keys with underscores: batch_size = 64); flags override it")
