@@ -95,7 +95,9 @@ def coordinator_main() -> None:
 
 
 def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | None]:
-    """(config, None), or (None, the error) for every rank to agree on before it is said."""
+    """(config, error): the error (or None) for every rank to agree on before it is said;
+    the config is None when the flags did not resolve to one, and is there when they did
+    but cannot run this way (it still tells ddp-train --backend zmq to need no MPI)."""
     from coordinator.mpi import launched_size
 
     serving = prog == "ddp-coordinator"
@@ -105,6 +107,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
         parser = build_parser(prog, TRAIN_DESCRIPTION)
     if not speaks:  # --help and --version text once, not once per rank
         parser.print_help = lambda file=None: None
+    cfg = None
     try:
         args = parser.parse_args(argv)
         if serving:
@@ -113,7 +116,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
         if cfg.backend == "zmq":
             _check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
-        return None, e
+        return cfg, e
     return cfg, None
 
 
