@@ -1,7 +1,10 @@
 """`python -m ddp COMMAND ...`: the console scripts without the scripts."""
 import sys
 
-from .cli import run_keygen, run_predict, run_train, run_worker
+from .cli import run_train
+from .keygen import run_keygen
+from .predict import run_predict
+from .worker_cli import run_worker
 
 COMMANDS = {
     "train": run_train,

@@ -1,4 +1,9 @@
-"""Entry points: ddp-train, ddp-coordinator, ddp-worker, ddp-keygen and ddp-predict.
+"""Entry points ddp-train and ddp-coordinator; the others are re-exported from their modules.
+
+    ddp-train, ddp-coordinator  here
+    ddp-predict                 ddp.predict
+    ddp-worker                  ddp.worker_cli (the service itself: worker.service)
+    ddp-keygen                  ddp.keygen
 
 Every error the user can cause ends as one line on stderr and a non-zero exit
 (see ddp.errors for the codes); under mpirun exactly one rank prints it and
@@ -6,32 +11,34 @@ no rank is left waiting for the others.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 import traceback
+from typing import NamedTuple
 
-import numpy as np
-
-from . import checkpoint as ckpt
-from . import data as ddata
-from . import __version__
-from .config import MAX_COUNT, MAX_THREADS, Config, _Parser, build_parser, resolve
-from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, OutputError, PeerError,
-                     UsageError, missing_package)
-from .files import check_output_target
+from .command import INTERNAL_ERROR, print_error, write_result
+from .config import Config, build_parser, resolve
+from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, PeerError, UsageError,
+                     missing_package)
+from .keygen import keygen_main, run_keygen
 from .log import Log, stamped
+from .model import quiet_float_warnings
 from .monitor import open_monitor
+from .predict import predict_main, run_predict
+from .signals import StopRequest
 from .threads import choose_threads, host_cores, limit_threads
-from .model import forward, loss_sum, quiet_float_warnings
+from .worker_cli import run_worker, worker_main
+
+__all__ = ["run_train", "train_main", "coordinator_main", "run_predict", "predict_main",
+           "run_worker", "worker_main", "run_keygen", "keygen_main"]
 
 TRAIN_DESCRIPTION = """\
 Train a multilayer perceptron with minibatch SGD, data-parallel over the ranks
 of `mpirun -n N ddp-train ...` (plain `ddp-train` is one process). Each rank
-computes the gradient sums of its shard of every global batch; one Allreduce
-per step makes them meet; every rank applies the same update.
+computes the gradient sums of its shard of every global batch; the sums meet in
+Allreduces of --bucket-mb buckets started during backward or, for ranks on one
+host, in a shared-memory window (--exchange); every rank applies the same update.
 
 Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf
 or exceeded --max-loss; 4 cannot write a checkpoint, model or summary; 128+N
@@ -55,46 +62,52 @@ stopped by signal N before the last step (checkpoint written, workers told to
 exit: run the same command to resume)."""
 
 
-def _print_error(prog: str, err: BaseException, rank: int | None = None) -> None:
-    where = f" (rank {rank})" if rank is not None else ""
-    print(stamped(f"{prog}: error{where}: {err}"), file=sys.stderr, flush=True)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Atomically and durably, as checkpoints are written."""
-    check_output_target(path, "--summary-json", OutputError)  # it may have changed since the start
-
-    def write(fh):
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-
-    try:
-        ckpt.atomic_write(path, write, binary=False)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}")
-
-
 def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train") -> int:
     """ddp-train (and ddp-coordinator); returns the exit code. `comm` defaults to MPI
     (a world of one without mpirun); --backend zmq uses no MPI at all."""
     wall_start = time.perf_counter()
     quiet_float_warnings()
-    from coordinator.mpi import LocalComm, launched_rank, launched_size, make_comm
-    from coordinator.run import summary_text
-    from coordinator.trainer import train
+    from coordinator.mpi import LocalComm, launched_rank, make_comm
 
-    from .setup import prepare
-    from .signals import StopRequest
+    speaks = launched_rank() == 0 if comm is None else comm.rank == 0
+    try:
+        cfg, error = _parse(argv, prog, speaks)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    if cfg is not None and cfg.backend == "zmq":
+        comm = LocalComm()
+    if comm is None:
+        try:
+            comm = make_comm()
+        except DDPError as e:
+            if speaks:
+                print_error(prog, e)
+            return e.exit_code
+    return _TrainRun(prog, cfg, comm, wall_start).run(error)
+
+
+def train_main() -> None:
+    sys.exit(run_train())
+
+
+def coordinator_main() -> None:
+    sys.exit(run_train(prog="ddp-coordinator"))
+
+
+def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | None]:
+    """(config, error): the error (or None) for every rank to agree on before it is said;
+    the config is None when the flags did not resolve to one, and is there when they did
+    but cannot run this way (it still tells ddp-train --backend zmq to need no MPI)."""
+    from coordinator.mpi import launched_size
 
     serving = prog == "ddp-coordinator"
-    speaks = launched_rank() == 0 if comm is None else comm.rank == 0
     if serving:
         parser = build_parser(prog, COORDINATOR_DESCRIPTION, exclude=("backend",))
     else:
         parser = build_parser(prog, TRAIN_DESCRIPTION)
     if not speaks:  # --help and --version text once, not once per rank
         parser.print_help = lambda file=None: None
-    cfg, error = None, None
+    cfg = None
     try:
         args = parser.parse_args(argv)
         if serving:
@@ -103,59 +116,127 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         if cfg.backend == "zmq":
             _check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
-        error = e
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+        return cfg, e
+    return cfg, None
 
-    if cfg is not None and cfg.backend == "zmq":
-        comm = LocalComm()
-    if comm is None:
+
+def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
+    if launched > 1:
+        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
+    if prog == "ddp-coordinator" and not cfg.bind:
+        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
+    if cfg.workers == 0 and not cfg.bind:
+        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
+
+
+class Threads(NamedTuple):
+    """BLAS threads of this process and, with --backend zmq, of the workers it starts."""
+    per_rank: int
+    source: str          # why that many: said in the start-up line
+    workers: int = 0     # zmq: worker processes to start here
+    per_worker: int = 0
+
+
+def _choose_threads(cfg: Config, comm, log: Log, serving: bool) -> Threads:
+    if cfg.backend != "zmq":
+        threads, source = limit_threads(cfg.threads, comm.local_size, log.warn)
+        return Threads(threads, source)
+    workers = cfg.workers if cfg.workers is not None else (0 if serving else host_cores())
+    threads, _ = limit_threads(cfg.threads, 1, log.warn, noun="coordinator")
+    per_worker, source, _ = choose_threads(cfg.threads, workers, noun="worker")
+    return Threads(threads, source, workers, per_worker)
+
+
+def _who(cfg: Config, comm, threads: Threads) -> str:
+    """Who computes, for the start-up line."""
+    if cfg.backend == "zmq":
+        n = threads.workers
+        if not n:
+            return f"coordinator, workers join on {cfg.bind}"
+        return (f"coordinator with {n} local worker{'s' * (n != 1)} ({threads.per_worker} BLAS "
+                f"thread{'s' * (threads.per_worker > 1)} each: {threads.source})")
+    return (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads.per_rank} BLAS "
+            f"thread{'s' * (threads.per_rank > 1)} each ({threads.source})")
+
+
+class _TrainRun:
+    """One ddp-train or ddp-coordinator run after parsing: prepare, train, summarise.
+
+    Every failure becomes an exit code here, said once: by the rank it happened
+    on, or by rank 0 when every rank met it alike; a failure on one rank of
+    several aborts the others, which may be waiting for it in a collective.
+    """
+
+    def __init__(self, prog: str, cfg: Config | None, comm, wall_start: float):
+        self.prog, self.cfg, self.comm, self.wall_start = prog, cfg, comm, wall_start
+        self.serving = prog == "ddp-coordinator"
+        self.log = Log(comm.rank, prog, level="error" if cfg is not None and cfg.quiet else "info")
+        self.stop = StopRequest()
+        self.monitor = self.summary = None
+
+    def run(self, error: UsageError | None) -> int:
+        code = EXIT_INTERNAL
         try:
-            comm = make_comm()
+            # from here a signal ends the process at once (even inside a blocking read),
+            # until the training loop defers it to the end of a step
+            self.stop.install()
+            self.comm.agree(error)
+            code = self._train()
+        except PeerError as e:
+            code = e.exit_code
+        except KeyboardInterrupt as e:  # a signal before training started: nothing to save
+            code = self._interrupted(e)
         except DDPError as e:
-            if speaks:
-                _print_error(prog, e)
-            return e.exit_code
-    log = Log(comm.rank, prog, level="error" if cfg is not None and cfg.quiet else "info")
-    stop = StopRequest()
-    monitor = summary = None
-    code = EXIT_INTERNAL
-    try:
-        # from here a signal ends the process at once (even inside a blocking read),
-        # until the training loop defers it to the end of a step
-        stop.install()
-        comm.agree(error)
-        zmq_workers = 0
-        if cfg.backend == "zmq":
-            zmq_workers = cfg.workers if cfg.workers is not None else (0 if serving else host_cores())
-            threads, _ = limit_threads(cfg.threads, 1, log.warn, noun="coordinator")
-            worker_threads, threads_from, _ = choose_threads(cfg.threads, zmq_workers, noun="worker")
-        else:
-            threads, threads_from = limit_threads(cfg.threads, comm.local_size, log.warn)
-        error, setup, keys = None, None, None
+            code = self._failed(e)
+        except Exception as e:
+            code = self._crashed(e)
+        finally:
+            self.stop.restore()
+            if self.monitor is not None:
+                self.monitor.close(code, self.summary)
+        return code
+
+    def _train(self) -> int:
+        from coordinator.run import summary_text
+
+        threads = _choose_threads(self.cfg, self.comm, self.log, self.serving)
+        setup, keys = self._prepare()
+        self._say_start(setup, threads)
+        summary = self._execute(setup, keys, threads)
+        code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
+        if self.comm.rank == 0:
+            if setup.cfg.summary_json:
+                write_result(setup.cfg.summary_json, "--summary-json", lambda fh: _dump(fh, summary),
+                             binary=False)
+            print(summary_text(summary), flush=True)
+        return code
+
+    def _prepare(self):
+        """(setup, CURVE keys or None), once every rank has them (or has said why not)."""
+        from .setup import prepare
+
+        cfg, error, setup, keys = self.cfg, None, None, None
         try:
             if cfg.backend == "zmq":
                 from coordinator.server import preflight
 
-                keys = preflight(cfg, log)
+                keys = preflight(cfg, self.log)
             setup = prepare(cfg)
-            if comm.rank == 0:
-                monitor = open_monitor(cfg, setup, cfg.backend, log, serving)
+            if self.comm.rank == 0:
+                self.monitor = open_monitor(cfg, setup, cfg.backend, self.log, self.serving)
         except DDPError as e:
             error = e
         except ModuleNotFoundError as e:
             error = missing_package(e)
             if error is None:
                 raise
-        comm.agree(error)
-        if cfg.backend == "zmq":
-            who = (f"coordinator with {zmq_workers} local worker{'s' * (zmq_workers != 1)} "
-                   f"({worker_threads} BLAS thread{'s' * (worker_threads > 1)} each: {threads_from})"
-                   if zmq_workers else f"coordinator, workers join on {cfg.bind}")
-        else:
-            who = (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads} BLAS "
-                   f"thread{'s' * (threads > 1)} each ({threads_from})")
-        log.info(f"{prog}: {who}, {len(setup.train)} training "
+        self.comm.agree(error)
+        return setup, keys
+
+    def _say_start(self, setup, threads: Threads) -> None:
+        """The start-up line, the resolved config and the warnings about it."""
+        cfg, comm, log = self.cfg, self.comm, self.log
+        log.info(f"{self.prog}: {_who(cfg, comm, threads)}, {len(setup.train)} training "
                  f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
                  f"{setup.layout.size:,} parameters; resolved config:")
         log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
@@ -168,359 +249,64 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
             log.warn("--eval-every has no effect without --val-data or --val-fraction")
         if cfg.samples is not None and cfg.data != "spiral":
             log.warn("--samples only applies to --data spiral")
-        if cfg.backend == "zmq":
+
+    def _execute(self, setup, keys, threads: Threads) -> dict:
+        """Train under MPI or serve ZeroMQ workers; the run's summary."""
+        if self.cfg.backend == "zmq":
             from coordinator.server import serve
 
-            summary = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads,
-                               monitor=monitor)
-            summary["wall_seconds"] = time.perf_counter() - wall_start
+            summary = serve(setup, self.log, self.stop, keys, spawn=threads.workers,
+                            worker_threads=threads.per_worker, monitor=self.monitor)
+            summary["wall_seconds"] = time.perf_counter() - self.wall_start
         else:
-            summary = train(setup, comm, log, stop, wall_start, monitor)
-        summary["threads_per_rank"] = threads
-        code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
-        if comm.rank == 0:
-            if setup.cfg.summary_json:
-                _write_json(setup.cfg.summary_json, summary)
-            print(summary_text(summary), flush=True)
-        return code
-    except PeerError as e:
-        code = e.exit_code
-        return code
-    except KeyboardInterrupt as e:  # a signal before training started: nothing to save
+            from coordinator.trainer import train
+
+            summary = train(setup, self.comm, self.log, self.stop, self.wall_start, self.monitor)
+        summary["threads_per_rank"] = threads.per_rank
+        self.summary = summary
+        return summary
+
+    def _interrupted(self, e: KeyboardInterrupt) -> int:
         code = EXIT_SIGNAL_BASE + getattr(e, "signum", 2)
-        if comm.rank == 0:
-            print(stamped(f"{prog}: interrupted by {e or 'SIGINT'} before training started"),
+        if self.comm.rank == 0:
+            print(stamped(f"{self.prog}: interrupted by {e or 'SIGINT'} before training started"),
                   file=sys.stderr, flush=True)
-        if comm.world_size > 1:  # the others may be waiting for this rank in a collective
-            comm.abort(code)
+        if self.comm.world_size > 1:  # the others may be waiting for this rank in a collective
+            self.comm.abort(code)
         return code
-    except DDPError as e:
-        code = e.exit_code
+
+    def _failed(self, e: DDPError) -> int:
+        comm, code = self.comm, e.exit_code
         if e.agreed or comm.world_size == 1:  # raised on this rank only; the others know
-            _print_error(prog, e, comm.rank or None)
+            print_error(self.prog, e, comm.rank or None)
             return code
         if e.collective:  # raised on every rank alike: rank 0 speaks
             if comm.rank == 0:
-                _print_error(prog, e)
+                print_error(self.prog, e)
             return code
-        _print_error(prog, e, comm.rank)
-        if monitor is not None:
-            monitor.close(code, None)
-        comm.abort(code)
+        print_error(self.prog, e, comm.rank)
+        self._abort(code)
         return code
-    except Exception as e:
+
+    def _crashed(self, e: Exception) -> int:
+        comm = self.comm
         missing = missing_package(e)
         if missing is not None and comm.world_size == 1:
-            _print_error(prog, missing)
-            code = missing.exit_code
-            return code
+            print_error(self.prog, missing)
+            return missing.exit_code
         traceback.print_exc()
-        _print_error(prog, "internal error (the traceback above is a bug report)",
-                     comm.rank if comm.world_size > 1 else None)
+        print_error(self.prog, INTERNAL_ERROR, comm.rank if comm.world_size > 1 else None)
         if comm.world_size > 1:
-            if monitor is not None:
-                monitor.close(EXIT_INTERNAL, None)
-            comm.abort(EXIT_INTERNAL)
+            self._abort(EXIT_INTERNAL)
         return EXIT_INTERNAL
-    finally:
-        stop.restore()
-        if monitor is not None:
-            monitor.close(code, summary)
+
+    def _abort(self, code: int) -> None:
+        """End every rank: this one failed alone and the others may wait for it."""
+        if self.monitor is not None:
+            self.monitor.close(code, None)
+        self.comm.abort(code)
 
 
-def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
-    if launched > 1:
-        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
-    if prog == "ddp-coordinator" and not cfg.bind:
-        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
-    if cfg.workers == 0 and not cfg.bind:
-        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
-
-
-def train_main() -> None:
-    sys.exit(run_train())
-
-
-# --- ddp-predict -------------------------------------------------------------------
-
-PREDICT_DESCRIPTION = """\
-Apply a model written by `ddp-train --output` to a data set: prints loss and
-accuracy when the data has targets and writes predictions (class indices for
-cross-entropy, outputs for mse) to --output as .npy.
-
-Exit codes: 0 done; 1 internal error; 2 bad input; 4 cannot write the output."""
-
-
-DEFAULT_PREDICTIONS = "predictions.npy"
-
-
-def _predictions_path(path: str) -> str:
-    """--output as numpy.save names it (.npy added), refused unless a file can go there."""
-    if not path.endswith(".npy"):
-        path += ".npy"
-    check_output_target(path, "--output")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"--output {path}: directory {parent} does not exist")
-    return path
-
-
-def _predict_inputs(spec: str, n_features: int, model_cfg: dict):
-    """(X, y or None) for ddp-predict: targets are optional here."""
-    training = model_cfg.get("training", {})
-    gen_cfg = Config(seed=int(training.get("seed", 0)), samples=training.get("samples"),
-                     layers=tuple(model_cfg["layers"]), loss=model_cfg["loss"])
-    lower = spec.lower()
-    if lower.endswith(".npz"):
-        return ddata.load_npz(spec, need_y=False)
-    if lower.endswith(".csv") or lower.endswith(".csv.gz"):
-        table = ddata.read_csv_table(spec)
-        if table.shape[1] == n_features:
-            return table, None
-        return table[:, :-1], table[:, -1]
-    return ddata.load_table(spec, gen_cfg)
-
-
-def run_predict(argv: list[str] | None = None) -> int:
-    prog = "ddp-predict"
-    p = _Parser(prog=prog, description=PREDICT_DESCRIPTION, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="MODEL.npz", help="model file from ddp-train --output")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="a .npz (X, optional y), a .csv (header; target last, optional) or spiral/digits")
-    p.add_argument("--output", metavar="PREDS.npy",
-                   help="write predictions here (default when the data has no targets: predictions.npy)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
-    quiet_float_warnings()
-    try:
-        args = p.parse_args(argv)
-        if not 0 < args.batch_size <= MAX_COUNT:
-            raise UsageError(f"--batch-size must be a positive integer (at most {MAX_COUNT:,}), "
-                             f"got {args.batch_size}")
-        if args.output:  # refused now, not after the predictions were computed
-            args.output = _predictions_path(args.output)
-        model = ckpt.load_model(args.model)
-        cfg = model.config
-        dtype = model.params.dtype
-        D, K = model.layout.layers[0], model.layout.layers[-1]
-        X, y = _predict_inputs(args.data, D, cfg)
-        what = f"--data {args.data}"
-        ddata.check_inputs(X, what)
-        if X.shape[1] != D:
-            raise UsageError(f"{what}: samples have {X.shape[1]} features, the model expects {D}")
-        if y is not None:
-            y = ddata.check_targets(np.asarray(y), len(X), cfg["loss"], K, what, dtype)
-        views = model.layout.views(model.params)
-        std = cfg.get("standardize")
-        mean = inv_std = None
-        if std:
-            mean = np.asarray(std["mean"], dtype=dtype)
-            inv_std = 1.0 / np.asarray(std["std"], dtype=dtype)
-        outputs, total_loss, correct = [], 0.0, 0
-        for start in range(0, len(X), args.batch_size):
-            x = np.asarray(X[start:start + args.batch_size], dtype=dtype)
-            if mean is not None:
-                x = (x - mean) * inv_std
-            z = forward(views, cfg["activation"], x)
-            pred = z.argmax(axis=1) if cfg["loss"] == "cross-entropy" else z
-            outputs.append(pred)
-            if y is not None:
-                yb = y[start:start + args.batch_size]
-                if cfg["loss"] == "cross-entropy":
-                    correct += int(np.count_nonzero(pred == yb))
-                total_loss += loss_sum(cfg["loss"], z, yb)
-        preds = np.concatenate(outputs)
-        if y is not None:
-            line = f"{len(X)} samples: loss {total_loss / len(X):.6f}"
-            if cfg["loss"] == "cross-entropy":
-                line += f" accuracy {correct / len(X):.4f}"
-            print(line, flush=True)
-        out = args.output
-        if out is None and y is None:  # nothing else to show: keep them, and say where
-            out = DEFAULT_PREDICTIONS
-            if os.path.lexists(out):
-                raise UsageError(f"the data has no targets, so the predictions go to {out}, which "
-                                 f"exists; give --output PATH (an existing file there is replaced)")
-        if out:
-            check_output_target(out, "--output", OutputError)  # it may have changed meanwhile
-            try:
-                ckpt.atomic_write(out, lambda fh: np.save(fh, preds))
-            except OSError as e:
-                raise OutputError(f"cannot write {out}: {e.strerror or e}")
-            what = "class indices" if cfg["loss"] == "cross-entropy" else "outputs"
-            print(f"predictions ({what}) for {len(X)} samples written to {os.path.abspath(out)}"
-                  + ("" if args.output else " (no --output given)"), flush=True)
-        return EXIT_OK
-    except BaseException as e:
-        return _exit_code(prog, e)
-
-
-def _exit_code(prog: str, e: BaseException) -> int:
-    """The exit code of a one-process command that ended with `e` (printed if an error)."""
-    if isinstance(e, SystemExit):  # --help, --version
-        return int(e.code or 0)
-    e = missing_package(e) or e
-    if isinstance(e, DDPError):
-        _print_error(prog, e)
-        return e.exit_code
-    if not isinstance(e, Exception):
-        raise e
-    traceback.print_exception(e)
-    _print_error(prog, "internal error (the traceback above is a bug report)")
-    return EXIT_INTERNAL
-
-
-def predict_main() -> None:
-    sys.exit(run_predict())
-
-
-
-
-# --- ddp-coordinator, ddp-worker, ddp-keygen ------------------------------------------
-
-
-def coordinator_main() -> None:
-    sys.exit(run_train(prog="ddp-coordinator"))
-
-
-WORKER_DESCRIPTION = """\
-Join a ddp-train job served by a ZeroMQ coordinator (ddp-coordinator, or
-ddp-train --backend zmq --bind ...): receive the job description, load the same
-data (its content must match the coordinator's), then compute the gradient sums
-of the rows the coordinator hands out each step. Ctrl-C or SIGTERM leaves
-cleanly; if the coordinator goes away the worker reconnects by itself.
-
-Exit codes: 0 the job finished or the coordinator stopped; 1 internal error;
-2 bad input, refused by the coordinator, or keys rejected; 5 no coordinator
-answered within --retry-for; 128+N left on signal N."""
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def run_worker(argv: list[str] | None = None) -> int:
-    from .signals import StopRequest
-
-    prog = "ddp-worker"
-    p = _Parser(prog=prog, description=WORKER_DESCRIPTION, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--connect", required=True, metavar="ENDPOINT",
-                   help="the coordinator's endpoint, e.g. tcp://10.0.0.5:5555")
-    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key (from ddp-keygen)")
-    p.add_argument("--server-key", metavar="FILE", help="the coordinator's public key (coordinator.key)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="BLAS threads (default: the cores of this host)")
-    p.add_argument("--retry-for", type=_positive_float, metavar="SECONDS",
-                   help="give up (exit 5) when no coordinator answers for this long (default: never)")
-    p.add_argument("--status", action="store_true",
-                   help="print the coordinator's status as JSON and exit, instead of joining")
-    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    stop = StopRequest()
-    quiet_float_warnings()
-    try:
-        args = p.parse_args(argv)
-        if args.threads is not None and not 0 < args.threads <= MAX_THREADS:
-            raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
-        from worker.service import WorkerService, load_keys, query_status
-
-        keys = load_keys(args.curve_secret, args.server_key)
-        if args.status:
-            print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
-            return EXIT_OK
-        log = Log(0, prog, level="warning" if args.quiet else "info")
-        limit_threads(args.threads, 1, log.warn, noun="worker")
-        stop.install(deferred=True)  # the service's loop checks it at every turn
-        return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
-    except KeyboardInterrupt:
-        return EXIT_SIGNAL_BASE + 2
-    except BaseException as e:
-        return _exit_code(prog, e)
-    finally:
-        stop.restore()
-
-
-def worker_main() -> None:
-    sys.exit(run_worker())
-
-
-KEYGEN_DESCRIPTION = """\
-Write CURVE key pairs for an authenticated, encrypted ZeroMQ job into DIR:
-
-  DIR/coordinator.key_secret   the coordinator's --curve-secret (created once)
-  DIR/coordinator.key          its public key: every worker's --server-key
-  DIR/NAME.key_secret          a worker's --curve-secret (NAME: worker, or --name)
-  DIR/authorized/NAME.key      the worker's public key: the coordinator's
-                               --authorized-keys DIR/authorized lets it in
-
-Existing files are never overwritten. Copy a worker's .key_secret only to that
-worker; remove DIR/authorized/NAME.key to lock a worker out (on the next start)."""
-
-
-def run_keygen(argv: list[str] | None = None) -> int:
-    from . import keys as keyfiles
-
-    prog = "ddp-keygen"
-    p = _Parser(prog=prog, description=KEYGEN_DESCRIPTION, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("dir", metavar="DIR", help="directory for the keys (created if missing)")
-    p.add_argument("--name", action="append", metavar="NAME",
-                   help="a worker key pair with this name (repeatable; default: worker)")
-    try:
-        args = p.parse_args(argv)
-        import zmq
-
-        names = args.name or ["worker"]
-        for name in names:
-            if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-                raise UsageError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
-            if name == "coordinator":
-                raise UsageError("--name coordinator is reserved for the coordinator's own key")
-        authorized = os.path.join(args.dir, "authorized")
-        try:
-            os.makedirs(authorized, exist_ok=True)
-            os.chmod(args.dir, 0o700)
-        except OSError as e:
-            raise UsageError(f"{args.dir}: cannot create it ({e.strerror or e})")
-        for name in names:
-            if os.path.exists(os.path.join(args.dir, f"{name}.key_secret")):
-                raise UsageError(f"{os.path.join(args.dir, name)}.key_secret exists; give another "
-                                 f"--name to add a worker")
-        written = []
-
-        def pair(base: str, public_copy: str | None = None) -> None:
-            public, secret = zmq.curve_keypair()
-            keyfiles.write_keys(base + ".key_secret", public, secret)
-            keyfiles.write_keys(base + ".key", public, None)
-            written.extend([base + ".key_secret", base + ".key"])
-            if public_copy:
-                keyfiles.write_keys(public_copy, public, None)
-                written.append(public_copy)
-
-        try:
-            coordinator = os.path.join(args.dir, "coordinator")
-            if not os.path.exists(coordinator + ".key_secret"):
-                pair(coordinator)
-            for name in names:
-                pair(os.path.join(args.dir, name), os.path.join(authorized, f"{name}.key"))
-        except FileExistsError as e:
-            raise UsageError(f"{e.filename} exists; remove it or give another --name")
-        except OSError as e:
-            raise OutputError(f"cannot write {getattr(e, 'filename', args.dir)}: {e.strerror or e}")
-        for path in written:
-            print(f"wrote {path}")
-        return EXIT_OK
-    except BaseException as e:
-        return _exit_code(prog, e)
-
-
-def keygen_main() -> None:
-    sys.exit(run_keygen())
+def _dump(fh, summary: dict) -> None:
+    json.dump(summary, fh, indent=2, sort_keys=True)
+    fh.write("\n")

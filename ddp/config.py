@@ -11,34 +11,27 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import tomllib
-from urllib.parse import urlsplit
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from . import __version__
 from .errors import UsageError
-from .files import check_input_file, check_output_target
+from .files import check_input_file
 from .model import ACTIVATIONS, LOSSES
+from .validation import DTYPES, MAX_COUNT, MAX_LAYER, validate
 
-DTYPES = ("float32", "float64")
-
+# validate and the limits live in ddp.validation; they are importable from here too
+__all__ = ["BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "Config",
+           "build_parser", "command_parser", "config_from_job", "job_config", "load_toml",
+           "parse_layers", "resolve", "validate"]
 
 BUCKET_MB = 4.0  # default gradient bucket size (see the README's Benchmarks section)
 
-# Upper bounds of numeric flags: far above any real use, low enough that nothing
-# downstream overflows (int64 step counters, milliseconds for a poll, bytes of a bucket).
-MAX_COUNT = 10 ** 15          # steps, epochs, batch size, samples, seed, intervals
-MAX_LAYER = 2 ** 40           # units in one layer (the memory check refuses far less)
-MAX_THREADS = 1024            # BLAS threads; also --workers, processes started on this host
-MAX_BUCKET_MB = 1e6
-MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeout (115 days)
 
-
-def _opt(help: str, flag: str | None = None, metavar: str | None = None, **kw):
-    """Field metadata: the help text, an alternative flag spelling, a metavar."""
-    return field(metadata={"help": help, "flag": flag, "metavar": metavar}, **kw)
+def _opt(help: str, metavar: str | None = None, **kw):
+    """A field with its --help text and, optionally, the metavar shown there."""
+    return field(metadata={"help": help, "metavar": metavar}, **kw)
 
 
 @dataclass(frozen=True)
@@ -146,9 +139,6 @@ class Config:
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     def to_toml(self) -> str:
         """The resolved config as TOML that `--config` reads back."""
         lines = []
@@ -248,6 +238,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def command_parser(prog: str, description: str) -> _Parser:
+    """The parser of one command: no abbreviated flags, `description` shown as written."""
+    return _Parser(prog=prog, description=description, allow_abbrev=False,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _flag_type(kind: str):
     def convert(text: str):
         if kind == "layers":
@@ -263,8 +259,7 @@ def _flag_type(kind: str):
 
 def build_parser(prog: str, description: str, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """Flags for every Config field but those in `exclude`."""
-    p = _Parser(prog=prog, description=description, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(prog, description)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
                    "(keys with underscores: batch_size = 64); flags override it")
@@ -298,106 +293,6 @@ def resolve(args: argparse.Namespace) -> Config:
     cfg = Config(**values)
     validate(cfg)
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise UsageError(msg)
-
-    for f in fields(Config):  # a NUL byte passes TOML and argv checks, then breaks os calls
-        value = getattr(cfg, f.name)
-        need(not (isinstance(value, str) and "\0" in value),
-             f"--{f.name.replace('_', '-')} {value!r}: contains a NUL character")
-    _check_bounds(cfg)
-
-    need(cfg.activation in ACTIVATIONS,
-         f"--activation {cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
-    need(cfg.loss in LOSSES, f"--loss {cfg.loss!r} is not one of: {', '.join(LOSSES)}")
-    need(cfg.dtype in DTYPES, f"--dtype {cfg.dtype!r} is not one of: {', '.join(DTYPES)}")
-    need(cfg.progress in ("auto", "always", "never"),
-         f"--progress {cfg.progress!r} is not one of: auto, always, never")
-    need(cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
-    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
-    need(cfg.l2 >= 0 and _finite(cfg.l2), f"--l2 must be >= 0, got {cfg.l2}")
-    need(cfg.max_loss is None or (cfg.max_loss > 0 and _finite(cfg.max_loss)),
-         f"--max-loss must be a positive finite number, got {cfg.max_loss}")
-    need(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
-    need(cfg.steps is None or cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
-    need(cfg.epochs > 0, f"--epochs must be a positive integer, got {cfg.epochs}")
-    need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    need(not (cfg.val_fraction > 0 and cfg.val_data),
-         "give either --val-fraction or --val-data, not both")
-    need(cfg.samples is None or cfg.samples > 0, f"--samples must be positive, got {cfg.samples}")
-    need(cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}")
-    need(cfg.log_every is None or cfg.log_every > 0,
-         f"--log-every must be a positive integer, got {cfg.log_every}")
-    need(cfg.checkpoint_every > 0,
-         f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
-    need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
-    need(cfg.exchange in ("auto", "shared", "allreduce"),
-         f"--exchange {cfg.exchange!r} is not one of: auto, shared, allreduce")
-    need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
-         f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
-    need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    need(cfg.backend in ("mpi", "zmq"), f"--backend {cfg.backend!r} is not one of: mpi, zmq")
-    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
-    need(cfg.min_workers >= 1, f"--min-workers must be a positive integer, got {cfg.min_workers}")
-    need(cfg.worker_timeout > 0 and _finite(cfg.worker_timeout),
-         f"--worker-timeout must be a positive number of seconds, got {cfg.worker_timeout}")
-    need(cfg.shard_timeout is None or (cfg.shard_timeout > 0 and _finite(cfg.shard_timeout)),
-         f"--shard-timeout must be a positive number of seconds, got {cfg.shard_timeout}")
-    need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
-         "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
-    if cfg.backend == "mpi":
-        given = [f for f in ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys")
-                 if getattr(cfg, f) is not None] + (["insecure"] if cfg.insecure else [])
-        need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
-                        f"backend only; add --backend zmq")
-    need(cfg.metrics_port is None or 0 <= cfg.metrics_port <= 65535,
-         f"--metrics-port must be a port number (0-65535), got {cfg.metrics_port}")
-    need(bool(cfg.metrics_addr.strip()), "--metrics-addr must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
-    need(cfg.stall_timeout > 0 and _finite(cfg.stall_timeout),
-         f"--stall-timeout must be a positive number of seconds, got {cfg.stall_timeout}")
-    if cfg.pushgateway is not None:
-        try:
-            url = urlsplit(cfg.pushgateway)
-            ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
-            url.port  # noqa: B018 (raises ValueError on a port out of range)
-        except ValueError:  # e.g. an unclosed [ of an IPv6 address
-            ok = False
-        need(ok, f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
-    if cfg.init:  # before the data is loaded, not after
-        check_input_file(cfg.init, "--init", UsageError)
-    for name in ("output", "summary_json", "log_jsonl"):
-        path = getattr(cfg, name)
-        if path:
-            flag = f"--{name.replace('_', '-')}"
-            check_output_target(path, flag)
-            parent = os.path.dirname(os.path.abspath(path))
-            need(os.path.isdir(parent), f"{flag} {path}: directory {parent} does not exist")
-
-
-_MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
-                                         "eval_every", "log_every", "checkpoint_every",
-                                         "min_workers")}
-_MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
-               worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
-
-
-def _check_bounds(cfg: Config) -> None:
-    """Every bounded numeric flag within its documented maximum."""
-    for name, most in _MAXIMA.items():
-        value = getattr(cfg, name)
-        if value is not None and value > most:
-            shown = f"{most:,}" if isinstance(most, int) else f"{most:g}"
-            raise UsageError(f"--{name.replace('_', '-')} must be at most {shown}, got {value:g}"
-                             if isinstance(value, float) else
-                             f"--{name.replace('_', '-')} must be at most {shown}, got {value}")
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def job_config(cfg: Config) -> dict[str, Any]:

@@ -23,6 +23,8 @@ def stamped(msg: str) -> str:
 
 
 class Log:
+    """Log lines at `level` or above, from rank 0 only, written around the progress bar."""
+
     def __init__(self, rank: int = 0, prog: str = "ddp-train", stream=None, level: str = "info"):
         assert level in LEVELS, level
         self.rank, self.prog = rank, prog

@@ -1,0 +1,162 @@
+"""Checks of a resolved `ddp.config.Config`: bounds, choices, combinations and paths.
+
+Every failed check is a `UsageError` whose message names the flag and says what
+it accepts. The checks run in a fixed order, so of several mistakes the same
+one is reported first every time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from urllib.parse import urlsplit
+
+from .errors import UsageError
+from .files import check_input_file, check_output_target
+from .model import ACTIVATIONS, LOSSES
+
+DTYPES = ("float32", "float64")
+
+# Upper bounds of numeric flags: far above any real use, low enough that nothing
+# downstream overflows (int64 step counters, milliseconds for a poll, bytes of a bucket).
+MAX_COUNT = 10 ** 15          # steps, epochs, batch size, samples, seed, intervals
+MAX_LAYER = 2 ** 40           # units in one layer (the memory check refuses far less)
+MAX_THREADS = 1024            # BLAS threads; also --workers, processes started on this host
+MAX_BUCKET_MB = 1e6
+MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeout (115 days)
+
+_MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
+                                         "eval_every", "log_every", "checkpoint_every",
+                                         "min_workers")}
+_MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
+               worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
+
+# options that mean something only to the ZeroMQ backend (insecure, a bool, is checked apart)
+_ZMQ_ONLY = ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys")
+
+
+def validate(cfg) -> None:
+    """Raise UsageError for the first value of `cfg` (a Config) that cannot be run."""
+    _check_text(cfg)
+    _check_bounds(cfg)
+    _check_choices(cfg)
+    _check_run(cfg)
+    _check_zmq(cfg)
+    _check_observability(cfg)
+    _check_paths(cfg)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _check_text(cfg) -> None:
+    """No NUL byte: it passes TOML and argv checks, then breaks os calls."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        _need(not (isinstance(value, str) and "\0" in value),
+              f"--{f.name.replace('_', '-')} {value!r}: contains a NUL character")
+
+
+def _check_bounds(cfg) -> None:
+    """Every bounded numeric flag within its documented maximum."""
+    for name, most in _MAXIMA.items():
+        value = getattr(cfg, name)
+        if value is not None and value > most:
+            shown = f"{most:,}" if isinstance(most, int) else f"{most:g}"
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {shown}, got {value:g}"
+                             if isinstance(value, float) else
+                             f"--{name.replace('_', '-')} must be at most {shown}, got {value}")
+
+
+def _check_choices(cfg) -> None:
+    _need(cfg.activation in ACTIVATIONS,
+          f"--activation {cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}")
+    _need(cfg.loss in LOSSES, f"--loss {cfg.loss!r} is not one of: {', '.join(LOSSES)}")
+    _need(cfg.dtype in DTYPES, f"--dtype {cfg.dtype!r} is not one of: {', '.join(DTYPES)}")
+    _need(cfg.progress in ("auto", "always", "never"),
+          f"--progress {cfg.progress!r} is not one of: auto, always, never")
+
+
+def _check_run(cfg) -> None:
+    """The optimiser, the schedule, the intervals and the machine."""
+    _need(cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
+    _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    _need(cfg.l2 >= 0 and _finite(cfg.l2), f"--l2 must be >= 0, got {cfg.l2}")
+    _need(cfg.max_loss is None or (cfg.max_loss > 0 and _finite(cfg.max_loss)),
+          f"--max-loss must be a positive finite number, got {cfg.max_loss}")
+    _need(cfg.batch_size > 0, f"--batch-size must be a positive integer, got {cfg.batch_size}")
+    _need(cfg.steps is None or cfg.steps > 0, f"--steps must be a positive integer, got {cfg.steps}")
+    _need(cfg.epochs > 0, f"--epochs must be a positive integer, got {cfg.epochs}")
+    _need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    _need(not (cfg.val_fraction > 0 and cfg.val_data),
+          "give either --val-fraction or --val-data, not both")
+    _need(cfg.samples is None or cfg.samples > 0, f"--samples must be positive, got {cfg.samples}")
+    _need(cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}")
+    _need(cfg.log_every is None or cfg.log_every > 0,
+          f"--log-every must be a positive integer, got {cfg.log_every}")
+    _need(cfg.checkpoint_every > 0,
+          f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
+    _need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
+    _need(cfg.exchange in ("auto", "shared", "allreduce"),
+          f"--exchange {cfg.exchange!r} is not one of: auto, shared, allreduce")
+    _need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
+          f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
+    _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+
+
+def _check_zmq(cfg) -> None:
+    """The backend, and the ZeroMQ options only with --backend zmq."""
+    _need(cfg.backend in ("mpi", "zmq"), f"--backend {cfg.backend!r} is not one of: mpi, zmq")
+    _need(cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    _need(cfg.min_workers >= 1, f"--min-workers must be a positive integer, got {cfg.min_workers}")
+    _need(cfg.worker_timeout > 0 and _finite(cfg.worker_timeout),
+          f"--worker-timeout must be a positive number of seconds, got {cfg.worker_timeout}")
+    _need(cfg.shard_timeout is None or (cfg.shard_timeout > 0 and _finite(cfg.shard_timeout)),
+          f"--shard-timeout must be a positive number of seconds, got {cfg.shard_timeout}")
+    _need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
+          "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
+    if cfg.backend == "mpi":
+        given = ([f for f in _ZMQ_ONLY if getattr(cfg, f) is not None]
+                 + (["insecure"] if cfg.insecure else []))
+        _need(not given, f"--{given[0].replace('_', '-') if given else ''} applies to the ZeroMQ "
+                         f"backend only; add --backend zmq")
+
+
+def _check_observability(cfg) -> None:
+    _need(cfg.metrics_port is None or 0 <= cfg.metrics_port <= 65535,
+          f"--metrics-port must be a port number (0-65535), got {cfg.metrics_port}")
+    _need(bool(cfg.metrics_addr.strip()),
+          "--metrics-addr must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
+    _need(cfg.stall_timeout > 0 and _finite(cfg.stall_timeout),
+          f"--stall-timeout must be a positive number of seconds, got {cfg.stall_timeout}")
+    if cfg.pushgateway is not None:
+        _need(_is_http_url(cfg.pushgateway),
+              f"--pushgateway {cfg.pushgateway!r}: expected a URL like http://localhost:9091")
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        url = urlsplit(text)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
+        url.port  # noqa: B018 (raises ValueError on a port out of range)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        return False
+    return ok
+
+
+def _check_paths(cfg) -> None:
+    """Input files readable and output files writable now, not after the data is loaded."""
+    if cfg.init:
+        check_input_file(cfg.init, "--init", UsageError)
+    for name in ("output", "summary_json", "log_jsonl"):
+        path = getattr(cfg, name)
+        if path:
+            flag = f"--{name.replace('_', '-')}"
+            check_output_target(path, flag)
+            parent = os.path.dirname(os.path.abspath(path))
+            _need(os.path.isdir(parent), f"{flag} {path}: directory {parent} does not exist")

@@ -1,0 +1,150 @@
+"""The compute side of a ZeroMQ worker: the job's data and model, and the thread that
+sums gradients over the rows of each task while the main thread keeps the socket.
+
+Results go back through a queue; an inproc PAIR socket wakes the main thread's
+poll when one is ready. Gradient buffers are sent zero-copy, so one is reused
+only after libzmq has sent it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from ddp import data as ddata
+from ddp import protocol
+from ddp.config import config_from_job
+from ddp.model import quiet_float_warnings
+from ddp.setup import prepare
+
+from .compute import ShardCompute
+
+CHUNK_ROWS = 4096       # rows per forward/backward pass; larger shards are summed in chunks
+
+
+class Job:
+    """The data and model of one job, loaded once; kept across reconnects."""
+
+    def __init__(self, description: dict):
+        setup = prepare(config_from_job(description))
+        self.description, self.cfg, self.layout = description, setup.cfg, setup.layout
+        self.dtype = np.dtype(setup.cfg.dtype)
+        self.schedule = setup.schedule
+        self.n_samples = len(setup.train)
+        self.max_rows = max(1, min(setup.cfg.batch_size, self.n_samples, CHUNK_ROWS))
+        self.reader = ddata.BatchReader(setup.train, self.schedule, self.max_rows, self.dtype,
+                                        setup.mean, setup.std)
+        self.compute = ShardCompute(self.layout, setup.cfg.activation, setup.cfg.loss, self.dtype,
+                                    self.max_rows)
+        self.fingerprint = setup.fingerprint()
+
+
+class GradBuffers:
+    """Gradient buffers sent zero-copy: one is reused only after libzmq has sent it."""
+
+    def __init__(self, size: int, dtype):
+        self.size, self.dtype = size, protocol.wire_dtype(dtype)
+        self.entries: list[list] = []  # [buffer, busy, tracker]
+        self.lock = threading.Lock()
+
+    def take(self) -> list:
+        with self.lock:
+            for entry in self.entries:
+                if not entry[1] or (entry[2] is not None and entry[2].done):
+                    entry[1], entry[2] = True, None
+                    return entry
+            entry = [np.empty(self.size, self.dtype), True, None]
+            if len(self.entries) < 3:
+                self.entries.append(entry)
+            return entry
+
+
+class ComputeThread(threading.Thread):
+    """Σ gradients over rows [lo, hi) of a step's batch, one task after another.
+
+    Tasks are (generation, task message, parameters); each result is (generation,
+    message, loss sum, correct count, buffer entry, seconds). `wake` is the caller's
+    end of an inproc pair, bound here in the caller's thread: it is readable when a
+    result is ready, so the caller polls it beside its other sockets.
+    """
+
+    def __init__(self, ctx: zmq.Context):
+        super().__init__(name="ddp-compute", daemon=True)
+        self.ctx = ctx
+        self.wake_endpoint = f"inproc://wake-{id(self)}"
+        self.wake = ctx.socket(zmq.PAIR)
+        self.wake.bind(self.wake_endpoint)
+        self.tasks: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.job: Job | None = None
+        self.buffers: GradBuffers | None = None
+        self.scratch = None
+
+    def set_job(self, job: Job) -> None:
+        self.job = job
+        self.buffers = GradBuffers(job.layout.size, job.dtype)
+        self.scratch = np.empty(job.layout.size, job.dtype)
+
+    def drop_tasks(self) -> None:
+        """Forget the tasks not started yet (they were for an earlier connection)."""
+        while not self.tasks.empty():
+            try:
+                self.tasks.get_nowait()
+            except queue.Empty:
+                break
+
+    def finished(self):
+        """The results ready since the last call, oldest first (called in the polling thread)."""
+        while self.wake.poll(0):
+            self.wake.recv()
+        while True:
+            try:
+                yield self.results.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+
+    def close(self, timeout: float) -> bool:
+        """Close the wake socket and wait up to `timeout` s for the thread; True if it ended."""
+        self.wake.close(linger=0)
+        self.join(timeout=timeout)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        quiet_float_warnings()  # per thread: numpy's error state is thread-local
+        wake = self.ctx.socket(zmq.PAIR)
+        wake.connect(self.wake_endpoint)
+        try:
+            while True:
+                item = self.tasks.get()
+                if item is None:
+                    return
+                generation, msg, params = item
+                started = time.perf_counter()
+                loss, correct, entry = self._compute(msg, params)
+                self.results.put((generation, msg, loss, correct, entry, time.perf_counter() - started))
+                wake.send(b"")
+        finally:
+            wake.close(linger=0)
+
+    def _compute(self, msg: dict, params: np.ndarray):
+        job, step, lo, hi = self.job, msg["step"], msg["lo"], msg["hi"]
+        views = job.layout.views(params)
+        entry = self.buffers.take()
+        grad, scratch = entry[0], self.scratch
+        loss, correct = 0.0, 0
+        for a in range(lo, hi, job.max_rows):
+            b = min(a + job.max_rows, hi)
+            x, y = job.reader.batch_part(step, a, b)
+            target = grad if a == lo else scratch
+            part_loss, part_correct = job.compute.grad_sums_(views, job.layout.views(target), x, y)
+            if a != lo:
+                grad += scratch
+            loss += part_loss
+            correct += part_correct
+        return loss, correct, entry
