@@ -133,7 +133,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         error, setup, keys = None, None, None
         try:
             if cfg.backend == "zmq":
-                from coordinator.server import preflight
+                from coordinator.access import preflight
 
                 keys = preflight(cfg, log)
             setup = prepare(cfg)
@@ -167,7 +167,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         if cfg.samples is not None and cfg.data != "spiral":
             log.warn("--samples only applies to --data spiral")
         if cfg.backend == "zmq":
-            from coordinator.server import serve
+            from coordinator.serve import serve
 
             summary, _ = serve(setup, log, stop, keys, spawn=zmq_workers, worker_threads=worker_threads,
                                monitor=monitor)
