@@ -171,6 +171,7 @@ class Peer:
         self.answering = True
         self.beating = True
         self.member = False  # welcomed, and not told to rejoin since
+        self.rejoining = True  # says hello again when told to rejoin
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames)
@@ -200,7 +201,8 @@ class Peer:
                 self.member = True
             elif msg["type"] == "rejoin" and self.member:  # as a worker does: hello again
                 self.member = False
-                self.say("hello")
+                if self.rejoining:
+                    self.say("hello")
             elif msg["type"] == "task":
                 assert len(frames[1]) == self.served.coord.P * 8
                 self.tasks.append(msg)
