@@ -218,7 +218,7 @@ class _TrainRun:
         cfg, error, setup, keys = self.cfg, None, None, None
         try:
             if cfg.backend == "zmq":
-                from coordinator.server import preflight
+                from coordinator.access import preflight
 
                 keys = preflight(cfg, self.log)
             setup = prepare(cfg)
@@ -253,7 +253,7 @@ class _TrainRun:
     def _execute(self, setup, keys, threads: Threads) -> dict:
         """Train under MPI or serve ZeroMQ workers; the run's summary."""
         if self.cfg.backend == "zmq":
-            from coordinator.server import serve
+            from coordinator.serve import serve
 
             summary = serve(setup, self.log, self.stop, keys, spawn=threads.workers,
                             worker_threads=threads.per_worker, monitor=self.monitor)

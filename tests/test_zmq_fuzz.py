@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from conftest import read_json, rss_mb, train
 from ddp import protocol
 from ddp.model import Layout
-from zmq_helpers import SMALL, ipc, max_param_diff, procs  # noqa: F401, F811 (a fixture)
+from zmq_helpers import SMALL, ipc, max_param_diff, procs, served  # noqa: F401, F811 (fixtures)
 
 STEPS = 1000
 ARGS = [*SMALL, "--steps", str(STEPS), "--log-every", "1"]
@@ -793,53 +793,34 @@ def test_fuzzing_a_training_coordinator(procs, tmp_path):
 # --- bugs the fuzzing found, each reproduced on its own ------------------------------------
 
 
-def join_as_member(s) -> str:
-    """hello, job, ready (with the job's real fingerprint), welcome: the job id."""
-    from worker.service import Job
-
-    s.send(protocol.encode("hello"))
-    got = wait_for_type(s, "job", 15)
-    assert got is not None, "no job in answer to hello"
-    job = got[0]["job"]
-    s.send(protocol.encode("ready", job=job, fingerprint=Job(got[0]["config"]).fingerprint))
-    assert wait_for_type(s, "welcome", 15) is not None, "not admitted"
-    return job
-
-
-def test_outstanding_rows_after_a_non_finite_result(procs, tmp_path):
+def test_outstanding_rows_after_a_non_finite_result(served):  # noqa: F811
     """A result with NaN gradients is accepted, then refused at the sum and handed back:
     its rows were once subtracted twice from the member's outstanding rows (negative in
     the status, and the misbehaving member then looked the least busy)."""
-    endpoint = ipc(tmp_path)
-    coord = procs.coordinator(endpoint, [*SMALL, "--steps", "300", "--min-workers", "2",
-                                         "--log-every", "1", "--shard-timeout", "60"])
-    coord.wait_for("waiting for 2 workers", timeout=30)
-    procs.worker(endpoint)
-    real = coord.wait_for(r"^(worker \d+) joined", timeout=30).group(1)
-    ctx = zmq.Context()
-    sockets = Sockets(ctx, endpoint)
-    try:
-        s = sockets.dealer(b"member-rows")
-        job = join_as_member(s)
-        got = wait_for_type(s, "task", 15)
-        assert got is not None
-        first = got[0]
-        n = first["hi"] - first["lo"]
-        s.send_multipart([protocol.encode("grads", job=job, step=first["step"], task=first["task"],
-                                          n=n, loss=1.0, correct=0, seconds=0.01),
-                          with_nan(random.Random(0), "nan")])
-        # the shard is recomputed by the real worker; the next step's task comes to us
-        got = wait_for_type(s, "task", 15)
-        assert got is not None
-        second = got[0]
-        assert second["step"] == first["step"] + 1
-        status = status_of(sockets)
-        mine = [w for w in status["workers"] if w["name"] != real]
-        assert len(mine) == 1, status
-        assert mine[0]["outstanding_rows"] == second["hi"] - second["lo"], status["workers"]
-    finally:
-        sockets.close_all()
-        ctx.destroy(linger=0)
+    s = served(min_workers=2, shard_timeout=60)
+    s.peer()
+    member = s.peer(routing_id=b"member-rows")
+    member.answering = False
+    seen = {}
+
+    def nan_then_hold():
+        if len(member.tasks) == 1 and "nan" not in seen:
+            nan = np.zeros(s.coord.P)
+            nan[7] = np.nan  # one bad element among finite ones
+            member.grads(member.tasks[0], array=nan)
+            seen["nan"] = True
+        elif len(member.tasks) == 2 and "status" not in seen:
+            seen["status"] = s.coord.status()
+            member.grads(member.tasks[1])
+
+    s.during_poll = nan_then_hold
+    s.run_step(0)  # the member's rows are recomputed by the other peer
+    s.run_step(1)
+    second = member.tasks[1]
+    assert second["step"] == member.tasks[0]["step"] + 1
+    mine = [w for w in seen["status"]["workers"] if w["name"] == "worker 2"]
+    assert mine[0]["outstanding_rows"] == second["hi"] - second["lo"], seen["status"]["workers"]
+    assert s.coord.dropped["non-finite gradients"] == 1
 
 
 def test_a_message_of_many_empty_frames_keeps_memory_bounded(procs, tmp_path):
@@ -877,7 +858,7 @@ def test_every_worker_hears_stop(procs, tmp_path):
     one): the coordinator then exits very soon after sending "stop", which is what loses it."""
     endpoint = ipc(tmp_path)
     missed = []
-    for run in range(6):
+    for run in range(3):
         coord = procs.coordinator(endpoint, ["--steps", "20", "--min-workers", "4",
                                              "--worker-timeout", "1"])
         workers = [procs.worker(endpoint) for _ in range(4)]

@@ -20,6 +20,7 @@ import stat
 import pytest
 
 from conftest import BIN, PY, free_port, one_error_line, read_json, run
+from inproc import call
 from zmq_helpers import SMALL, max_param_diff, procs  # noqa: F401  (procs is a fixture)
 
 from ddp import keys as keyfiles
@@ -53,8 +54,11 @@ def expect_error(res, prog: str, *fragments: str, code: int = EXIT_USAGE) -> str
     return line
 
 
-def keygen(directory, *args: str, timeout: float = 30):
-    return run(cli("ddp-keygen", str(directory), *args), timeout=timeout)
+def keygen(directory, *args: str):
+    """ddp-keygen in this process (it needs no process of its own)."""
+    from ddp.cli import run_keygen
+
+    return call(run_keygen, [str(directory), *args])
 
 
 def snapshot(directory) -> dict[str, tuple[bytes, int]]:
@@ -76,12 +80,18 @@ def keydir(tmp_path):
     return d
 
 
-def coordinator(*args: str, timeout: float = 60):
-    return run(cli("ddp-coordinator", *args), timeout=timeout)
+def coordinator(*args: str):
+    """ddp-coordinator in this process, for what fails before it serves."""
+    from ddp.cli import run_train
+
+    return call(run_train, list(args), prog="ddp-coordinator")
 
 
-def worker(*args: str, timeout: float = 30):
-    return run(cli("ddp-worker", *args), timeout=timeout)
+def worker(*args: str):
+    """ddp-worker in this process, for what fails (or answers) within seconds."""
+    from ddp.cli import run_worker
+
+    return call(run_worker, list(args))
 
 
 # --- ddp-keygen ------------------------------------------------------------------------
@@ -194,8 +204,8 @@ def test_public_bind_needs_curve_or_insecure():
 
 def test_public_bind_insecure_warns_and_runs():
     port = free_port("0.0.0.0")
-    res = coordinator("--bind", f"tcp://0.0.0.0:{port}", "--insecure", "--steps", "1",
-                      "--workers", "1", "--threads", "1")
+    res = run(cli("ddp-coordinator", "--bind", f"tcp://0.0.0.0:{port}", "--insecure", "--steps", "1",
+                  "--workers", "1", "--threads", "1"), timeout=60)
     assert res.returncode == 0, _show(res)
     assert "warning" in res.stderr and "--insecure" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
@@ -206,7 +216,7 @@ def test_public_bind_insecure_warns_and_runs():
                                       "tcp://*:5600", "tcp://127.0.0.1.nip.io:5600"])
 def test_check_bind_refuses_what_is_not_literally_loopback(endpoint):
     """In process, no traffic: a name that starts like 127.x is not resolved and not trusted."""
-    from coordinator.server import check_bind
+    from coordinator.access import check_bind
     from ddp.config import Config
     from ddp.errors import UsageError
     from ddp.log import Log
@@ -221,7 +231,7 @@ def test_check_bind_refuses_what_is_not_literally_loopback(endpoint):
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5600", "tcp://[::1]:5600",
                                       "tcp://localhost:5600", "ipc:///tmp/x.sock"])
 def test_check_bind_accepts_loopback_without_keys(endpoint, capsys):
-    from coordinator.server import check_bind
+    from coordinator.access import check_bind
     from ddp.config import Config
     from ddp.log import Log
 
