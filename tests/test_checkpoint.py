@@ -11,6 +11,7 @@ from conftest import (_env, alive, kill_tree, load_model, one_error_line, rank_p
                       train_cmd, unstamped)
 from ddp import checkpoint as ckpt
 from ddp.model import Layout
+from inproc import train_here
 
 BASE = ["--data", "spiral", "--samples", "40", "--layers", "2,16,3", "--batch-size", "16",
         "--dtype", "float64", "--checkpoint-every", "10"]
@@ -28,10 +29,10 @@ def _assert_same(a, b, atol=1e-12):
 
 
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
-    ref = train(BASE + ["--steps", "30", "--output", str(tmp_path / "ref.npz")])
+    ref = train_here(BASE + ["--steps", "30", "--output", str(tmp_path / "ref.npz")])
     assert ref.returncode == 0, ref.stderr
     d = str(tmp_path / "ck")
-    first = train(BASE + ["--steps", "20", "--checkpoint-dir", d])
+    first = train_here(BASE + ["--steps", "20", "--checkpoint-dir", d])
     assert first.returncode == 0, first.stderr
     assert [s for s, _ in ckpt.list_checkpoints(d)] == [20, 10]
     second = train(BASE + ["--steps", "30", "--checkpoint-dir", d, "--output", str(tmp_path / "res.npz")],
@@ -43,7 +44,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 def test_only_the_last_three_are_kept_and_a_corrupt_one_is_skipped(tmp_path):
     d = str(tmp_path / "ck")
-    r = train(BASE + ["--steps", "50", "--checkpoint-dir", d])
+    r = train_here(BASE + ["--steps", "50", "--checkpoint-dir", d])
     assert r.returncode == 0, r.stderr
     assert [s for s, _ in ckpt.list_checkpoints(d)] == [50, 40, 30]
     assert not [n for n in os.listdir(d) if n.startswith(".tmp")]
@@ -54,8 +55,9 @@ def test_only_the_last_three_are_kept_and_a_corrupt_one_is_skipped(tmp_path):
     data = dict(np.load(middle, allow_pickle=False))
     data["params"] = data["params"] + 1e-3                     # silent corruption: checksum catches it
     np.savez(middle, **data)
-    ref = train(BASE + ["--steps", "60", "--output", str(tmp_path / "ref.npz")])
-    res = train(BASE + ["--steps", "60", "--checkpoint-dir", d, "--output", str(tmp_path / "res.npz")])
+    ref = train_here(BASE + ["--steps", "60", "--output", str(tmp_path / "ref.npz")])
+    assert ref.returncode == 0, ref.stderr
+    res = train_here(BASE + ["--steps", "60", "--checkpoint-dir", d, "--output", str(tmp_path / "res.npz")])
     assert res.returncode == 0, res.stderr
     assert "skipping checkpoint" in res.stderr and "ckpt-00000050" in res.stderr
     assert "checksum mismatch" in res.stderr
@@ -65,14 +67,14 @@ def test_only_the_last_three_are_kept_and_a_corrupt_one_is_skipped(tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     d = str(tmp_path / "ck")
-    assert train(BASE + ["--steps", "10", "--checkpoint-dir", d]).returncode == 0
+    assert train_here(BASE + ["--steps", "10", "--checkpoint-dir", d]).returncode == 0
     other = BASE[:] + ["--steps", "20", "--checkpoint-dir", d]
     other[other.index("2,16,3")] = "2,32,3"
-    r = train(other)
+    r = train_here(other)
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert "layers" in line and "--no-resume" in line
-    fresh = train(other + ["--no-resume"])
+    fresh = train_here(other + ["--no-resume"])
     assert fresh.returncode == 0, fresh.stderr
 
 
@@ -96,12 +98,27 @@ def _pids_of_rank(root: int, rank: int) -> list[int]:
     return [] if pid is None else [pid]
 
 
-@pytest.mark.parametrize("target,sig", [("mpirun", signal.SIGTERM), ("rank0", signal.SIGINT)])
-def test_signal_checkpoints_exits_cleanly_and_the_same_command_resumes(tmp_path, target, sig):
-    d = str(tmp_path / "ck")
-    args = ["--data", "spiral", "--layers", "2,128,128,3", "--dtype", "float64", "--steps", "3000",
+def _signalled_run(checkpoint_dir, output) -> list[str]:
+    return ["--data", "spiral", "--layers", "2,128,128,3", "--dtype", "float64", "--steps", "3000",
             "--checkpoint-every", "100000", "--log-every", "1", "--progress", "never",
-            "--checkpoint-dir", d, "--output", str(tmp_path / "res.npz")]
+            "--checkpoint-dir", str(checkpoint_dir), "--output", str(output)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_signalled_run(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The parameters the signalled run ends with if no signal comes: one run of 2 ranks
+    for every signal and target."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ref = train(_signalled_run(tmp / "ck", tmp / "ref.npz"), n=2, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    return _params(tmp / "ref.npz")
+
+
+@pytest.mark.parametrize("target,sig", [("mpirun", signal.SIGTERM), ("rank0", signal.SIGINT)])
+def test_signal_checkpoints_exits_cleanly_and_the_same_command_resumes(tmp_path, target, sig,
+                                                                        uninterrupted_signalled_run):
+    d = str(tmp_path / "ck")
+    args = _signalled_run(d, tmp_path / "res.npz")
     proc = subprocess.Popen(train_cmd(args, n=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=_env(), stdin=subprocess.DEVNULL)
     try:
@@ -131,19 +148,19 @@ def test_signal_checkpoints_exits_cleanly_and_the_same_command_resumes(tmp_path,
     resumed = train(args, n=2, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
-    ref_args = [a if a != str(tmp_path / "res.npz") else str(tmp_path / "ref.npz") for a in args]
-    ref_args[ref_args.index(d)] = str(tmp_path / "ck-ref")
-    ref = train(ref_args, n=2, timeout=120)
-    assert ref.returncode == 0, ref.stderr
-    _assert_same(_params(tmp_path / "res.npz"), _params(tmp_path / "ref.npz"))
+    _assert_same(_params(tmp_path / "res.npz"), uninterrupted_signalled_run)
 
 
 def test_unwritable_outputs_are_refused_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    for flag, value in (("--output", str(blocker / "m.npz")), ("--checkpoint-dir", str(blocker / "ck")),
-                        ("--summary-json", "/proc/summary.json")):
-        r = train(["--steps", "3", flag, value], n=2)
+    cases = (("--output", str(blocker / "m.npz")), ("--checkpoint-dir", str(blocker / "ck")),
+             ("--summary-json", "/proc/summary.json"))
+    # every rank validates the flags alike (ddp.config): one of them under mpirun shows
+    # that the ranks agree on one error line; each flag's check needs no process of its own
+    runs = [(flag, train(["--steps", "3", flag, value], n=2)) for flag, value in cases[:1]]
+    runs += [(flag, train_here(["--steps", "3", flag, value])) for flag, value in cases]
+    for flag, r in runs:
         assert r.returncode == 2, r.stderr
         assert flag in one_error_line(r.stderr)
         assert "step 1/" not in r.stderr  # refused before the first step

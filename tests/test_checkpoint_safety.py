@@ -16,8 +16,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import PY, _env, kill_tree, one_error_line, predict, run, train, train_cmd
+from conftest import _env, kill_tree, one_error_line, train, train_cmd
 from ddp import checkpoint as ckpt
+from inproc import predict_here, train_here
 from zmq_helpers import max_param_diff
 
 DIGITS = ["--data", "digits", "--checkpoint-every", "10", "--progress", "never"]
@@ -45,11 +46,11 @@ def _npz_data(path, seed: int) -> None:
 
 def test_no_resume_sets_the_earlier_checkpoints_aside_and_prunes_only_its_own(tmp_path):
     d = tmp_path / "ck"
-    first = train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "60"])
+    first = train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "60"])
     assert first.returncode == 0, first.stderr
     assert _steps(d) == [60, 50, 40]
     # a new, shorter run: before, its checkpoints were pruned as soon as written
-    fresh = train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "30", "--no-resume"])
+    fresh = train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "30", "--no-resume"])
     assert fresh.returncode == 0, fresh.stderr
     assert _steps(d) == [30, 20, 10]
     aside = _previous_dirs(d)
@@ -57,7 +58,7 @@ def test_no_resume_sets_the_earlier_checkpoints_aside_and_prunes_only_its_own(tm
     assert _steps(d / aside[0]) == [60, 50, 40]  # nothing of the earlier run was deleted
     assert f"moved 3 earlier checkpoints (steps 40–60) to {d / aside[0]}" in fresh.stderr
     # the next run resumes the new run, not the old one, and prunes what it continues
-    again = train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "50"])
+    again = train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "50"])
     assert again.returncode == 0, again.stderr
     assert f"resuming from {d / 'ckpt-00000030.npz'} at step 30" in again.stderr
     assert _steps(d) == [50, 40, 30] and _steps(d / aside[0]) == [60, 50, 40]
@@ -67,10 +68,10 @@ def test_a_start_over_sets_aside_checkpoints_that_do_not_verify(tmp_path):
     """Resume was asked for but nothing verifies: the run starts over, and its own
     checkpoints must not sit below higher-numbered unreadable ones."""
     d = tmp_path / "ck"
-    assert train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "40"]).returncode == 0
+    assert train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "40"]).returncode == 0
     for _, path in ckpt.list_checkpoints(str(d)):
         open(path, "r+b").truncate(100)
-    r = train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "20"])
+    r = train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "20"])
     assert r.returncode == 0, r.stderr
     assert "none of them could be resumed: moved 3 earlier checkpoints" in r.stderr
     assert _steps(d) == [20, 10]
@@ -83,9 +84,9 @@ def test_a_checkpoint_of_other_data_under_the_same_path_is_refused(tmp_path):
     data, d = tmp_path / "train.npz", tmp_path / "ck"
     _npz_data(data, seed=1)
     args = SMALL + ["--data", str(data), "--checkpoint-dir", str(d)]
-    assert train(args + ["--steps", "20"]).returncode == 0
+    assert train_here(args + ["--steps", "20"]).returncode == 0
     _npz_data(data, seed=2)  # same path, same shapes, other samples
-    r = train(args + ["--steps", "30"])
+    r = train_here(args + ["--steps", "30"])
     assert r.returncode == 2, r.stderr
     line = one_error_line(r.stderr)
     assert "written by a different run" in line and "data fingerprint" in line
@@ -99,7 +100,7 @@ def test_an_old_checkpoint_without_a_fingerprint_resumes_with_a_warning(tmp_path
     data, d = tmp_path / "train.npz", tmp_path / "ck"
     _npz_data(data, seed=1)
     args = SMALL + ["--data", str(data), "--checkpoint-dir", str(d)]
-    assert train(args + ["--steps", "10"]).returncode == 0
+    assert train_here(args + ["--steps", "10"]).returncode == 0
     path = ckpt.checkpoint_path(str(d), 10)
     with np.load(path) as z:  # rewrite it as ddp-train wrote it before the fingerprint
         arrays = {k: z[k] for k in z.files}
@@ -109,7 +110,7 @@ def test_an_old_checkpoint_without_a_fingerprint_resumes_with_a_warning(tmp_path
     arrays["meta"] = np.array(meta_json)
     arrays["checksum"] = np.array(ckpt._checksum(arrays["params"], arrays["velocity"], meta_json))
     np.savez(path, **arrays)
-    r = train(args + ["--steps", "20"])
+    r = train_here(args + ["--steps", "20"])
     assert r.returncode == 0, r.stderr
     assert "has no data fingerprint" in r.stderr and "resuming from" in r.stderr
 
@@ -121,7 +122,7 @@ def test_zmq_resumes_an_mpi_checkpoint_cleans_up_and_refuses_other_data(tmp_path
     _npz_data(data, seed=1)
     args = SMALL + ["--data", str(data), "--checkpoint-dir", str(d)]
     zmq = ["--backend", "zmq", "--workers", "1"]
-    ref = train(SMALL + ["--data", str(data), "--steps", "30", "--output", str(tmp_path / "ref.npz")])
+    ref = train_here(SMALL + ["--data", str(data), "--steps", "30", "--output", str(tmp_path / "ref.npz")])
     assert ref.returncode == 0, ref.stderr
     assert train(args + ["--steps", "20"], n=2).returncode == 0
     stale = _plant_tmp(d, "stale000", age=3600)
@@ -172,13 +173,13 @@ HOSTILE = {"unsupported compression": dict(method=6), "encrypted": dict(flag_bit
 def test_checkpoints_with_hostile_zip_headers_are_skipped_with_a_warning(tmp_path):
     d = tmp_path / "ck"
     args = DIGITS + ["--checkpoint-dir", str(d)]
-    assert train(args + ["--steps", "30"]).returncode == 0
+    assert train_here(args + ["--steps", "30"]).returncode == 0
     for step, how in zip((30, 20), HOSTILE.values()):
         path = ckpt.checkpoint_path(str(d), step)
         _patch_zip(path, "params.npy", **how)
         with pytest.raises(ValueError, match="unreadable"):
             ckpt.read_checkpoint(path)
-    r = train(args + ["--steps", "40"])
+    r = train_here(args + ["--steps", "40"])
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "skipping checkpoint" in r.stderr and "NotImplementedError" in r.stderr
@@ -189,12 +190,12 @@ def test_checkpoints_with_hostile_zip_headers_are_skipped_with_a_warning(tmp_pat
 @pytest.mark.parametrize("how", HOSTILE)
 def test_init_and_model_files_with_hostile_zip_headers_are_one_line_errors(tmp_path, how):
     model = tmp_path / "m.npz"
-    assert train(["--data", "digits", "--steps", "5", "--output", str(model)]).returncode == 0
+    assert train_here(["--data", "digits", "--steps", "5", "--output", str(model)]).returncode == 0
     _patch_zip(model, "W0.npy", **HOSTILE[how])
-    p = predict(["--model", str(model), "--data", "digits"])
+    p = predict_here(["--model", str(model), "--data", "digits"])
     assert p.returncode == 2, p.stderr
     assert "not a readable .npz" in one_error_line(p.stderr, "ddp-predict")
-    r = train(["--data", "digits", "--steps", "5", "--init", str(model)])
+    r = train_here(["--data", "digits", "--steps", "5", "--init", str(model)])
     assert r.returncode == 2, r.stderr
     assert "--init" in one_error_line(r.stderr) and "not a readable .npz" in r.stderr
 
@@ -223,8 +224,10 @@ def test_stale_temporary_files_of_this_project_are_removed_at_start(tmp_path):
         path.write_text("not ours")
         os.utime(path, (time.time() - 3600,) * 2)
     with open(held, "rb") as fh:
+        # an flock belongs to an open file description: the run's own open() of the file
+        # meets it as another process's lock, so the run needs no process of its own
         fcntl.flock(fh, fcntl.LOCK_EX)
-        r = train(DIGITS + ["--checkpoint-dir", str(d), "--steps", "10"])
+        r = train_here(DIGITS + ["--checkpoint-dir", str(d), "--steps", "10"])
     assert r.returncode == 0, r.stderr
     assert not stale.exists()
     assert fresh.exists() and held.exists() and all(p.exists() for p in others)
@@ -273,7 +276,10 @@ def test_max_loss_stops_every_rank_like_a_nan_loss(tmp_path, launch):
             "--progress", "never"]
     if launch == "zmq":
         args += ["--backend", "zmq", "--workers", "1"]
-    r = train(args, n=2 if launch.startswith("mpirun") else None)
+    if launch == "one process":
+        r = train_here(args)
+    else:  # ranks under mpirun; the coordinator starts real worker processes
+        r = train(args, n=2 if launch.startswith("mpirun") else None)
     assert r.returncode == 3, r.stderr
     line = one_error_line(r.stderr)
     # lr 30 on the spiral: batch losses 1.1, 6.1, 39.5, then 2649 at step 4
@@ -285,7 +291,8 @@ def test_max_loss_stops_every_rank_like_a_nan_loss(tmp_path, launch):
 
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
 def test_max_loss_must_be_positive_and_finite(value):
-    r = train(["--steps", "1", "--max-loss", value])
+    # one value through the real command: exit code and no traceback at process level
+    r = (train if value == "nan" else train_here)(["--steps", "1", "--max-loss", value])
     assert r.returncode == 2, r.stderr
     assert "--max-loss must be a positive finite number" in one_error_line(r.stderr)
 
@@ -293,18 +300,20 @@ def test_max_loss_must_be_positive_and_finite(value):
 def test_max_loss_off_by_default_and_in_toml(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("max_loss = 1e129\nsteps = 5\n")
-    r = run([PY, "-m", "ddp", "train", "--config", str(toml)], timeout=60)
+    r = train_here(["--config", str(toml)])
     assert r.returncode == 0, r.stderr
     assert "max_loss = 1e+129" in r.stderr
-    assert "max_loss" not in train(["--steps", "2"]).stderr  # None: not printed
+    assert "max_loss" not in train_here(["--steps", "2"]).stderr  # None: not printed
 
 
 def test_a_fifo_named_like_a_checkpoint_is_skipped_not_opened(tmp_path):
     """Opening a named pipe blocks until someone writes to it: the resume scan must not."""
     d = tmp_path / "ck"
     args = DIGITS + ["--checkpoint-dir", str(d)]
-    assert train(args + ["--steps", "20"]).returncode == 0
+    assert train_here(args + ["--steps", "20"]).returncode == 0
     os.mkfifo(ckpt.checkpoint_path(str(d), 999))
+    # a process of its own: a run that opened the FIFO would block, and only a process
+    # can be given a timeout and killed
     r = train(args + ["--steps", "30"], timeout=60)
     assert r.returncode == 0, r.stderr
     assert "ckpt-00000999.npz: is a named pipe (FIFO), not a regular file" in r.stderr
@@ -318,7 +327,7 @@ def test_data_files_with_hostile_zip_headers_are_one_line_errors(tmp_path, how):
     rng = np.random.default_rng(0)
     np.savez(data, X=rng.standard_normal((40, 3)), y=rng.integers(0, 2, 40))
     _patch_zip(data, "X.npy", **HOSTILE[how])
-    r = train(["--data", str(data), "--steps", "3"])
+    r = train_here(["--data", str(data), "--steps", "3"])
     assert r.returncode == 2, r.stderr
     line = one_error_line(r.stderr)
     assert f"--data {data}" in line and ("encrypted" in line or "compression" in line), line

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, MPIRUN, PY, free_port, read_json, run
+from inproc import call
 from zmq_helpers import Proc
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the deploy files: pip install pyyaml")
@@ -323,11 +324,21 @@ SHELL_OPERATORS = {";", "&", "&&", "|", "||", "(", ")", ";;", "|&"}
 
 @functools.cache
 def help_text(command: str) -> str:
-    """The real `COMMAND --help`: the installed script, else `python -m ddp SUBCOMMAND`."""
-    script = shutil.which(command, path=BIN)
-    cmd = [script] if script else [PY, "-m", "ddp", command.removeprefix("ddp-")]
-    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "COLUMNS": "100"})
+    """`COMMAND --help` from the parser the command runs: in this process through the entry
+    `python -m ddp SUBCOMMAND` calls, else the installed script (ddp-bench). The scripts
+    themselves run for real below (the Slurm script, the systemd units)."""
+    from ddp.__main__ import COMMANDS
+
+    main = COMMANDS.get(command.removeprefix("ddp-"))
+    if main is not None:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("COLUMNS", "100")
+            r = call(main, ["--help"])
+    else:
+        script = shutil.which(command, path=BIN)
+        cmd = [script] if script else [PY, "-m", "ddp", command.removeprefix("ddp-")]
+        r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "COLUMNS": "100"})
     assert r.returncode == 0, f"{command} --help failed:\n{r.stderr}"
     return r.stdout
 

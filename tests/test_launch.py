@@ -8,17 +8,14 @@ import pytest
 
 from conftest import _env, load_model, one_error_line, read_json, run, train, train_cmd
 from ddp.threads import choose_threads, host_cores
+from inproc import train_here
 
 # what srun exports to each of the tasks of a job step
 SRUN_TASK = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
              "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}
 
 
-def _without_threads_env() -> dict:
-    env = _env()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(var, None)
-    return env
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @pytest.mark.parametrize("procid", ["0", "1"])
@@ -28,7 +25,7 @@ def test_srun_without_mpi_plugin_refuses_before_writing_anything(tmp_path, proci
     out = ["--checkpoint-dir", str(tmp_path / "ck"), "--output", str(tmp_path / "m.npz"),
            "--summary-json", str(tmp_path / "s.json"), "--log-jsonl", str(tmp_path / "r.jsonl"),
            "--steps", "5"]
-    r = run(train_cmd(out), env=env, timeout=60)
+    r = run(train_cmd(out), env=env, timeout=60)  # a process of its own: make_comm starts MPI
     assert r.returncode == 2, r.stderr
     if procid == "0":  # one task speaks for the step, as rank 0 would
         line = one_error_line(r.stderr)
@@ -41,14 +38,16 @@ def test_srun_without_mpi_plugin_refuses_before_writing_anything(tmp_path, proci
 def test_a_batch_script_itself_is_one_process_and_trains(tmp_path):
     """The batch step sees SLURM_NTASKS and SLURM_PROCID too, but srun did not start it."""
     env = dict(_env(), SLURM_JOB_ID="77", SLURM_NTASKS="8", SLURM_PROCID="0")
+    # a process of its own: the run asks MPI for its world, which this process must not start
     r = run(train_cmd(["--steps", "5", "--output", str(tmp_path / "m.npz")]), env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.npz").exists()
 
 
-def test_zmq_backend_under_srun_is_refused(tmp_path):
-    env = dict(_env(), **SRUN_TASK, SLURM_PROCID="0")
-    r = run(train_cmd(["--backend", "zmq", "--workers", "1", "--steps", "5"]), env=env, timeout=60)
+def test_zmq_backend_under_srun_is_refused(tmp_path, monkeypatch):
+    for var, value in dict(SRUN_TASK, SLURM_PROCID="0").items():
+        monkeypatch.setenv(var, value)
+    r = train_here(["--backend", "zmq", "--workers", "1", "--steps", "5"])  # refused before MPI or zmq
     assert r.returncode == 2
     assert "without mpirun or srun" in one_error_line(r.stderr)
 
@@ -69,17 +68,21 @@ def test_thread_count_follows_flag_then_environment_then_cores(threads, env, loc
     assert len(ignored) == sum(1 for v in env.values() if v in ("zero", "0"))
 
 
-def test_start_up_line_says_which_rule_chose_the_threads(tmp_path):
+def test_start_up_line_says_which_rule_chose_the_threads(tmp_path, monkeypatch):
     s = tmp_path / "s.json"
     args = ["--steps", "2", "--summary-json", str(s)]
-    r = run(train_cmd(args), env=dict(_without_threads_env(), OMP_NUM_THREADS="1"))
+    for var in THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    r = train_here(args)  # BLAS threads are put back when it returns (inproc.isolated)
     assert r.returncode == 0, r.stderr
     assert "1 BLAS thread each (OMP_NUM_THREADS=1)" in r.stderr
     assert read_json(s)["threads_per_rank"] == 1
-    r = run(train_cmd(args + ["--threads", "2"]), env=dict(_without_threads_env(), OMP_NUM_THREADS="1"))
+    r = train_here(args + ["--threads", "2"])
     assert r.returncode == 0 and "2 BLAS threads each (--threads)" in r.stderr, r.stderr
     assert read_json(s)["threads_per_rank"] == 2
-    r = run(train_cmd(args), env=dict(_without_threads_env(), OMP_NUM_THREADS="lots"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    r = train_here(args)
     assert r.returncode == 0, r.stderr
     assert "OMP_NUM_THREADS='lots' is not a positive number of threads; ignored" in r.stderr
     assert f"({host_cores()} cores ÷ 1 rank on this host)" in r.stderr
@@ -94,22 +97,32 @@ def _pinned(cmd: list[str]) -> list[str]:
     return [taskset, "-c", str(min(os.sched_getaffinity(0))), *cmd]
 
 
+PINNED = ["--data", "spiral", "--samples", "30", "--layers", "2,16,3", "--batch-size", "9",
+          "--steps", "30", "--dtype", "float64", "--momentum", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_on_one_core(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The one-process model of PINNED, the same for every exchange: trained once."""
+    one = tmp_path_factory.mktemp("one-core") / "one.npz"
+    # a process of its own, pinned: the check that one rank on one core does not warn
+    ref = run(_pinned(train_cmd(PINNED + ["--output", str(one)])))
+    assert ref.returncode == 0, ref.stderr
+    assert "share" not in ref.stderr  # one rank on one core is not oversubscribed
+    return load_model(one)
+
+
 @pytest.mark.parametrize("exchange", [["--exchange", "shared"],
                                       ["--exchange", "allreduce", "--bucket-mb", "0"],
                                       ["--exchange", "allreduce", "--bucket-mb", "0.0001"]])
-def test_oversubscribed_ranks_warn_once_and_stay_exact(tmp_path, exchange):
+def test_oversubscribed_ranks_warn_once_and_stay_exact(tmp_path, exchange, one_rank_on_one_core):
     """Two ranks on one core: rank 0 says so once; ranks that wait yield, and the result
     is still the one-process result."""
-    base = ["--data", "spiral", "--samples", "30", "--layers", "2,16,3", "--batch-size", "9",
-            "--steps", "30", "--dtype", "float64", "--momentum", "0.5"]
-    ref = run(_pinned(train_cmd(base + ["--output", str(tmp_path / "one.npz")])))
-    assert ref.returncode == 0, ref.stderr
-    assert "share" not in ref.stderr  # one rank on one core is not oversubscribed
-    r = run(_pinned(train_cmd(base + exchange + ["--output", str(tmp_path / "two.npz")], n=2)))
+    r = run(_pinned(train_cmd(PINNED + exchange + ["--output", str(tmp_path / "two.npz")], n=2)))
     assert r.returncode == 0, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if "ranks share" in ln]
     assert len(warnings) == 1 and "2 ranks share 1 core on this host" in warnings[0], r.stderr
-    a, b = load_model(tmp_path / "one.npz"), load_model(tmp_path / "two.npz")
+    a, b = one_rank_on_one_core, load_model(tmp_path / "two.npz")
     for k in ("W0", "b0", "W1", "b1"):
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-10, err_msg=k)
 
@@ -125,7 +138,9 @@ def test_ranks_with_a_core_each_do_not_warn(tmp_path):
 # --- a dependency that is not installed (a cluster install that left one out) ----------
 
 def _without(module: str, main: str, args: list[str]) -> list[str]:
-    """Run `main(args)` in a Python where importing `module` fails, as when not installed."""
+    """Run `main(args)` in a Python where importing `module` fails, as when not installed.
+    A fresh interpreter: in this one the package is imported already, by modules that
+    keep their reference to it."""
     from conftest import PY
     code = (f"import sys; sys.modules[{module!r}] = None\n"
             f"from ddp.cli import {main}; sys.exit({main}({args!r}))")
