@@ -22,7 +22,7 @@ from ddp.monitor import Monitor, StepTotals
 from ddp.optim import make_optimizer
 from ddp.setup import Setup
 from ddp.signals import StopRequest
-from worker.compute import ShardCompute
+from ddp.worker.compute import ShardCompute
 
 from .start import load_start
 
@@ -64,6 +64,42 @@ class Evaluator:
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def log_line(step: int, total: int, epoch: int, loss: float, accuracy: float | None,
+             val_loss: float | None, val_acc: float | None, samples_per_second: float) -> str:
+    line = f"step {step}/{total} epoch {epoch} loss {loss:.4f}"
+    if accuracy is not None:
+        line += f" acc {accuracy:.3f}"
+    if val_loss is not None:
+        line += f" val_loss {val_loss:.4f}" + (f" val_acc {val_acc:.3f}" if val_acc is not None else "")
+    return line + f" samples/s {samples_per_second:,.0f}"
+
+
+def stopped_line(signum: int, step: int, total: int, checkpoint_dir: str | None) -> str:
+    where = (f"checkpoint in {checkpoint_dir}; run the same command to resume"
+             if checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
+    return f"interrupted by {signal.Signals(signum).name} after step {step}/{total}: {where}"
+
+
+class SteadyRate:
+    """The rate after a run's first steps (BLAS and caches warm), for benchmarks:
+    steps, seconds and samples/s from `from_step` on, evaluation time excluded."""
+
+    def __init__(self, start: int, total: int):
+        self.from_step = start + min(20, (total - start) // 5)
+        self.marked = None  # (perf_counter, evaluation s, samples) at from_step
+
+    def mark(self, t_eval: float, samples: int) -> None:
+        self.marked = (time.perf_counter(), t_eval, samples)
+
+    def result(self, step: int, t_eval: float, samples: int) -> dict | None:
+        if self.marked is None or step <= self.from_step:
+            return None
+        t0, t_eval0, samples0 = self.marked
+        seconds = time.perf_counter() - t0 - (t_eval - t_eval0)
+        return {"from_step": self.from_step, "steps": step - self.from_step,
+                "seconds": seconds, "samples_per_second": (samples - samples0) / seconds}
 
 
 class Run:
@@ -115,9 +151,7 @@ class Run:
         """Train from `step` on."""
         self.step = self.start_step = step
         self.log_every = self.cfg.log_every or max(1, (self.total - step) // 20)
-        # steady state: the rate after the first steps (BLAS and caches warm), for benchmarks
-        self.steady_from = step + min(20, (self.total - step) // 5)
-        self.steady_mark = None  # (perf_counter, t_eval, samples) when steady_from was reached
+        self.steady = SteadyRate(step, self.total)
 
     @property
     def done(self) -> bool:
@@ -161,8 +195,8 @@ class Run:
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg
-        if step == self.steady_from:
-            self.steady_mark = (time.perf_counter(), self.t_eval, self.samples)
+        if step == self.steady.from_step:
+            self.steady.mark(self.t_eval, self.samples)
         t_step = time.perf_counter() - started
         self.interval.add(n_samples, loss_sum, correct, t_step, t_compute, t_exchange)
         if monitor is not None:
@@ -194,13 +228,8 @@ class Run:
         accuracy = totals.accuracy if self.cfg.loss == "cross-entropy" else None
         samples_per_second = self.samples / max(self.train_seconds(), 1e-9)
         epoch = self.step // self.spe + (self.step % self.spe > 0)
-        line = f"step {self.step}/{self.total} epoch {epoch} loss {loss:.4f}"
-        if accuracy is not None:
-            line += f" acc {accuracy:.3f}"
-        if self.val_loss is not None:
-            line += f" val_loss {self.val_loss:.4f}" + (
-                f" val_acc {self.val_acc:.3f}" if self.val_acc is not None else "")
-        line += f" samples/s {samples_per_second:,.0f}"
+        line = log_line(self.step, self.total, epoch, loss, accuracy, self.val_loss, self.val_acc,
+                        samples_per_second)
         if self.log.has_bar:
             self.log.bar.set_postfix_str(line.split(" ", 2)[2], refresh=False)
         else:
@@ -229,28 +258,16 @@ class Run:
                 self.monitor.checkpointed(self.step, path)
                 self.monitor.set_state("training")
 
-    def steady(self) -> dict | None:
-        """Steps, seconds and samples/s from `steady_from` on (evaluation time excluded)."""
-        if self.steady_mark is None or self.step <= self.steady_from:
-            return None
-        t, t_eval, samples = self.steady_mark
-        seconds = time.perf_counter() - t - (self.t_eval - t_eval)
-        return {"from_step": self.steady_from, "steps": self.step - self.steady_from,
-                "seconds": seconds, "samples_per_second": (self.samples - samples) / seconds}
-
     def finish(self, stop: StopRequest, extra: dict | None = None) -> dict:
         """Checkpoint; unless interrupted, evaluate and write the model; the summary."""
         self.log.close_progress()
         train_seconds = self.train_seconds()
-        steady = self.steady()
+        steady = self.steady.result(self.step, self.t_eval, self.samples)
         cfg, step, total = self.cfg, self.step, self.total
         interrupted = step < total
         self.write_checkpoint()
         if interrupted:
-            signame = signal.Signals(stop.signum).name
-            where = (f"checkpoint in {cfg.checkpoint_dir}; run the same command to resume"
-                     if cfg.checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
-            self.log.info(f"interrupted by {signame} after step {step}/{total}: {where}")
+            self.log.info(stopped_line(stop.signum, step, total, cfg.checkpoint_dir))
         final_loss = train_acc = None
         if not interrupted:  # a stopped job exits promptly: no final pass over the data
             self._set_state("evaluating")
@@ -265,7 +282,7 @@ class Run:
                 self.log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: "
                               f"the run finished its evaluation{' and model' * bool(cfg.output)} "
                               f"and exits 0")
-        summary = {
+        return {
             "steps": step,
             "total_steps": total,
             "epochs": step / self.spe,
@@ -283,9 +300,8 @@ class Run:
             "layers": list(self.layout.layers),
             "parameters": self.layout.size,
             "dtype": cfg.dtype,
+            **(extra or {}),
         }
-        summary.update(extra or {})
-        return summary
 
 
 def _who(s: dict) -> str:

@@ -12,7 +12,7 @@ from ddp.errors import DivergedError
 from ddp.log import Log
 from ddp.monitor import Monitor
 from ddp.setup import Setup
-from worker.compute import ShardCompute
+from ddp.worker.compute import ShardCompute
 
 from .access import CurveKeys
 from .local_workers import LocalWorkers, connect_endpoint
@@ -71,19 +71,7 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
             if not stop.signum:  # cannot happen: the loop only ends early on a signal
                 raise AssertionError("training loop ended early without a stop request")
         coord.stop_workers(reason)
-        steps = max(coord.steps_done, 1)
-        summary = run.finish(stop, {
-            "backend": "zmq",
-            "endpoint": coord.endpoint,
-            "bytes_sent_per_step": coord.bytes_sent / steps,
-            "bytes_received_per_step": coord.bytes_received / steps,
-            "bytes_per_step": (coord.bytes_sent + coord.bytes_received) / steps,
-            "dropped_messages": dict(coord.dropped),
-            "workers_lost": coord.lost,
-            "shard_timeouts": coord.shard_timeouts,
-            "recovery_seconds": coord.recoveries,
-            "refused_keys": keys.refused if keys else 0,
-        })
+        summary = run.finish(stop, exchange_summary(coord, keys))
         return summary
     except DivergedError:
         reason = "training diverged"
@@ -96,3 +84,21 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
         if local is not None:
             local.stop()
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def exchange_summary(coord: Coordinator, keys: CurveKeys | None) -> dict:
+    """What the summary says of the ZeroMQ exchange: traffic, refusals, failures."""
+    steps = max(coord.steps_done, 1)
+    sent, received = coord.router.bytes_sent, coord.bytes_received
+    return {
+        "backend": "zmq",
+        "endpoint": coord.endpoint,
+        "bytes_sent_per_step": sent / steps,
+        "bytes_received_per_step": received / steps,
+        "bytes_per_step": (sent + received) / steps,
+        "dropped_messages": dict(coord.members.dropped),
+        "workers_lost": coord.members.lost,
+        "shard_timeouts": coord.shards.timeouts,
+        "recovery_seconds": coord.recoveries,
+        "refused_keys": keys.refused if keys else 0,
+    }

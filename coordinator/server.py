@@ -228,23 +228,6 @@ class Coordinator:
             "refused_keys": self.keys.refused if self.keys else 0,
         }
 
-    # what the summary reports of the exchange
-    @property
-    def bytes_sent(self) -> int:
-        return self.router.bytes_sent
-
-    @property
-    def dropped(self) -> dict:
-        return self.members.dropped
-
-    @property
-    def lost(self) -> int:
-        return self.members.lost
-
-    @property
-    def shard_timeouts(self) -> int:
-        return self.shards.timeouts
-
     def stop_workers(self, reason: str) -> None:
         told = self.members.stop_all(reason)
         # A worker drops what it has not read yet when the connection closes (it sets

@@ -26,7 +26,7 @@ from ddp.monitor import Monitor
 from ddp.optim import SGD
 from ddp.setup import Setup
 from ddp.signals import StopRequest
-from worker.compute import ShardCompute
+from ddp.worker.compute import ShardCompute
 
 from .exchange import make_exchange
 from .run import Evaluator, Run

@@ -1,3 +1,12 @@
 """ddp-train: data-parallel training of multilayer perceptrons on CPUs."""
+import os as _os
 
 __version__ = "0.1.0"
+
+# Installed, the roles are the subpackages ddp.worker and ddp.coordinator (pyproject's
+# package-dir maps them from the repository's top-level worker/ and coordinator/). In
+# a source checkout they are those folders beside this one: look there too.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "coordinator")) and all(
+        _os.path.isfile(_os.path.join(_checkout, role, "__init__.py")) for role in ("worker", "coordinator")):
+    __path__.append(_checkout)

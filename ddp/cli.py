@@ -67,7 +67,7 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
     (a world of one without mpirun); --backend zmq uses no MPI at all."""
     wall_start = time.perf_counter()
     quiet_float_warnings()
-    from coordinator.mpi import LocalComm, launched_rank, make_comm
+    from ddp.coordinator.mpi import LocalComm, launched_rank, make_comm
 
     speaks = launched_rank() == 0 if comm is None else comm.rank == 0
     try:
@@ -98,7 +98,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
     """(config, error): the error (or None) for every rank to agree on before it is said;
     the config is None when the flags did not resolve to one, and is there when they did
     but cannot run this way (it still tells ddp-train --backend zmq to need no MPI)."""
-    from coordinator.mpi import launched_size
+    from ddp.coordinator.mpi import launched_size
 
     serving = prog == "ddp-coordinator"
     if serving:
@@ -197,7 +197,7 @@ class _TrainRun:
         return code
 
     def _train(self) -> int:
-        from coordinator.run import summary_text
+        from ddp.coordinator.run import summary_text
 
         threads = _choose_threads(self.cfg, self.comm, self.log, self.serving)
         setup, keys = self._prepare()
@@ -218,7 +218,7 @@ class _TrainRun:
         cfg, error, setup, keys = self.cfg, None, None, None
         try:
             if cfg.backend == "zmq":
-                from coordinator.access import preflight
+                from ddp.coordinator.access import preflight
 
                 keys = preflight(cfg, self.log)
             setup = prepare(cfg)
@@ -253,13 +253,13 @@ class _TrainRun:
     def _execute(self, setup, keys, threads: Threads) -> dict:
         """Train under MPI or serve ZeroMQ workers; the run's summary."""
         if self.cfg.backend == "zmq":
-            from coordinator.serve import serve
+            from ddp.coordinator.serve import serve
 
             summary = serve(setup, self.log, self.stop, keys, spawn=threads.workers,
                             worker_threads=threads.per_worker, monitor=self.monitor)
             summary["wall_seconds"] = time.perf_counter() - self.wall_start
         else:
-            from coordinator.trainer import train
+            from ddp.coordinator.trainer import train
 
             summary = train(setup, self.comm, self.log, self.stop, self.wall_start, self.monitor)
         summary["threads_per_rank"] = threads.per_rank

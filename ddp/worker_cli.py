@@ -39,8 +39,8 @@ def run_worker(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.threads is not None and not 0 < args.threads <= MAX_THREADS:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
-        from worker.connection import load_keys, query_status
-        from worker.service import WorkerService
+        from ddp.worker.connection import load_keys, query_status
+        from ddp.worker.service import WorkerService
 
         keys = load_keys(args.curve_secret, args.server_key)
         if args.status:

@@ -55,7 +55,7 @@ def call(main, argv: list[str], cwd=None, **kw) -> Result:
 
 def train_here(args: list, cwd=None) -> Result:
     """`ddp-train ARGS` on one process (no MPI: a world of one) in this process."""
-    from coordinator.mpi import LocalComm
+    from ddp.coordinator.mpi import LocalComm
     from ddp.cli import run_train
 
     return call(run_train, args, cwd=cwd, comm=LocalComm())

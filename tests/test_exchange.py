@@ -3,7 +3,7 @@ optimizer applied to one part of the parameters."""
 import numpy as np
 import pytest
 
-from coordinator.exchange import Bucket, plan_buckets
+from ddp.coordinator.exchange import Bucket, plan_buckets
 from ddp.model import Layout
 from ddp.optim import SGD
 

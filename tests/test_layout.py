@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ddp", "worker", "coordinator")
 MAX_FILE_LINES = 400
 MAX_CLASS_LINES = 200
-# the entry points: they wire a config to a role, so they may import the roles
-ENTRY_POINTS = {"ddp/cli.py", "ddp/__main__.py"}
+# the entry points wire a config to a role, so they may import the roles (and ddp-keygen
+# zmq's key generator); benchloops is a stand-alone benchmark program (mpi4py, torch)
+ENTRY_POINTS = {"ddp/cli.py", "ddp/__main__.py", "ddp/worker_cli.py", "ddp/keygen.py",
+                "ddp/benchloops.py"}
 
 
 def sources() -> list[Path]:
@@ -68,30 +70,31 @@ def test_files_and_classes_stay_small(path):
 
 
 def test_the_wheel_lists_every_package_under_ddp():
-    """pyproject names every folder with an __init__.py, the roles as ddp.worker and
-    ddp.coordinator (their folders stay at the top of the repository)."""
+    """pyproject names every folder of the three (the dashboard's files are package
+    data in folders of their own), the roles as ddp.worker and ddp.coordinator: their
+    folders stay at the top of the repository."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(project["packages"])
-    mapped = project.get("package-dir", {})
     found = set()
     for pkg in PACKAGES:
-        for init in (ROOT / pkg).rglob("__init__.py"):
-            parts = init.parent.relative_to(ROOT).parts
-            found.add(".".join(parts) if parts[0] == "ddp" else "ddp." + ".".join(parts))
-    assert listed == found
-    assert mapped == {"ddp.worker": "worker", "ddp.coordinator": "coordinator"}
+        for folder in [ROOT / pkg, *(ROOT / pkg).rglob("*")]:
+            if folder.is_dir() and folder.name != "__pycache__":
+                parts = folder.relative_to(ROOT).parts
+                found.add(".".join(parts) if parts[0] == "ddp" else "ddp." + ".".join(parts))
+    assert set(project["packages"]) == found
+    assert project["package-dir"] == {"ddp.worker": "worker", "ddp.coordinator": "coordinator"}
 
 
 def test_an_installed_wheel_has_no_top_level_worker_or_coordinator():
-    try:
-        files = importlib.metadata.files("ddp-train") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("ddp-train is not installed")
-    paths = {f.as_posix() for f in files}
-    if not any(p.startswith("ddp/") for p in paths):
-        pytest.skip("an editable install: the files are the repository's")
-    assert "ddp/worker/compute.py" in paths and "ddp/coordinator/run.py" in paths
-    assert not any(p.startswith(("worker/", "coordinator/")) for p in paths)
+    """What `pip install .` put in site-packages (not the egg-info a build leaves in the
+    checkout, nor an editable install, whose files are the repository's)."""
+    installed = [d for d in importlib.metadata.distributions(name="ddp-train")
+                 if ROOT not in Path(str(d.locate_file(""))).resolve().parents
+                 and Path(str(d.locate_file(""))).resolve() != ROOT]
+    files = {f.as_posix() for d in installed for f in d.files or []}
+    if not any(f.startswith("ddp/") for f in files):
+        pytest.skip("ddp-train is not installed from a wheel here (an editable install?)")
+    assert "ddp/worker/compute.py" in files and "ddp/coordinator/run.py" in files
+    assert not any(f.startswith(("worker/", "coordinator/")) for f in files)
 
 
 def test_the_readme_layout_names_every_source_file():

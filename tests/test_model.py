@@ -7,7 +7,7 @@ import pytest
 
 from ddp.model import ACTIVATIONS, LOSSES, Layout, init_params_, log_softmax, loss_sum
 from ddp.optim import SGD
-from worker.compute import ShardCompute
+from ddp.worker.compute import ShardCompute
 
 LAYERS = (4, 5, 3, 3)
 

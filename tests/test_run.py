@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from conftest import load_model
-from coordinator.exchange import LocalExchange
-from coordinator.mpi import LocalComm
-from coordinator.run import Evaluator, Run
-from coordinator.trainer import train
+from ddp.coordinator.exchange import LocalExchange
+from ddp.coordinator.mpi import LocalComm
+from ddp.coordinator.run import Evaluator, Run
+from ddp.coordinator.trainer import train
 from ddp.config import Config, validate
 from ddp.log import Log
 from ddp.optim import SGD
 from ddp.setup import prepare
 from ddp.signals import StopRequest
 from inproc import isolated, train_here
-from worker.compute import ShardCompute
+from ddp.worker.compute import ShardCompute
 
 BASE = dict(data="spiral", samples=50, layers=(2, 16, 8, 3), activation="tanh", batch_size=7,
             steps=30, dtype="float64", lr=0.2, l2=1e-3, momentum=0.5, progress="never")

@@ -441,7 +441,7 @@ class Member:
         self.job = msg["job"]
         key = json.dumps(msg["config"], sort_keys=True)
         if key not in self.fingerprints:  # load the job's data like a worker does
-            from worker.service import Job
+            from ddp.worker.service import Job
             self.fingerprints[key] = Job(msg["config"]).fingerprint
         s.send(protocol.encode("ready", job=self.job, fingerprint=fingerprint or self.fingerprints[key]))
         self.stats.add(1)
@@ -820,7 +820,7 @@ def test_outstanding_rows_after_a_non_finite_result(served):  # noqa: F811
     assert second["step"] == member.tasks[0]["step"] + 1
     mine = [w for w in seen["status"]["workers"] if w["name"] == "worker 2"]
     assert mine[0]["outstanding_rows"] == second["hi"] - second["lo"], seen["status"]["workers"]
-    assert s.coord.dropped["non-finite gradients"] == 1
+    assert s.coord.members.dropped["non-finite gradients"] == 1
 
 
 def test_a_message_of_many_empty_frames_keeps_memory_bounded(procs, tmp_path):

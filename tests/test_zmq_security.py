@@ -216,7 +216,7 @@ def test_public_bind_insecure_warns_and_runs():
                                       "tcp://*:5600", "tcp://127.0.0.1.nip.io:5600"])
 def test_check_bind_refuses_what_is_not_literally_loopback(endpoint):
     """In process, no traffic: a name that starts like 127.x is not resolved and not trusted."""
-    from coordinator.access import check_bind
+    from ddp.coordinator.access import check_bind
     from ddp.config import Config
     from ddp.errors import UsageError
     from ddp.log import Log
@@ -231,7 +231,7 @@ def test_check_bind_refuses_what_is_not_literally_loopback(endpoint):
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5600", "tcp://[::1]:5600",
                                       "tcp://localhost:5600", "ipc:///tmp/x.sock"])
 def test_check_bind_accepts_loopback_without_keys(endpoint, capsys):
-    from coordinator.access import check_bind
+    from ddp.coordinator.access import check_bind
     from ddp.config import Config
     from ddp.log import Log
 

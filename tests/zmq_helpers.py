@@ -227,7 +227,7 @@ class Served:
     Every loop is bounded: `poll_until` and `run_step` fail the test after `timeout` s."""
 
     def __init__(self, tmp_path, monitor=None, **fields):
-        from coordinator.server import Coordinator
+        from ddp.coordinator.server import Coordinator
         from ddp.config import Config
         from ddp.log import Log
         from ddp.setup import prepare
