@@ -2,21 +2,40 @@
 its own (flag and file validation, a short one-process run): the same entry points
 the console scripts call, with their output captured and the process-wide state
 they change (signal handlers, numpy's error mode, BLAS threads, environment, cwd)
-put back afterwards."""
+put back afterwards, each within a deadline."""
 from __future__ import annotations
 
 import contextlib
 import io
 import os
 import signal
-import sys
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from conftest import SESSION_TMP, Result
+from helpers import SESSION_TMP, Result
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TIMEOUT = 120  # seconds for one in-process command
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = TIMEOUT):
+    """Fail the test when the block takes longer than `seconds`, so that an in-process
+    command that blocks (a regression that opens a FIFO, say) fails instead of hanging
+    the session. SIGALRM interrupts a blocking system call; pytest's Failed is a
+    BaseException, which the commands' `except Exception` lets through."""
+    def expire(signum, frame):
+        pytest.fail(f"the command was still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @contextlib.contextmanager
@@ -41,11 +60,12 @@ def isolated(cwd=None):
             signal.signal(s, h)
 
 
-def call(main, argv: list[str], cwd=None, **kw) -> Result:
+def call(main, argv: list[str], cwd=None, timeout: float = TIMEOUT, **kw) -> Result:
     """`main(argv, **kw)` (one of ddp.cli's run_* functions) with stdout and stderr
-    captured: its exit code and output, as `conftest.run` gives them for a process."""
+    captured: its exit code and output, as `helpers.run` gives them for a process."""
     out, err = io.StringIO(), io.StringIO()
-    with isolated(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with deadline(timeout), isolated(cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         try:
             code = main([str(a) for a in argv], **kw)
         except SystemExit as e:  # argparse's --help/--version and usage errors

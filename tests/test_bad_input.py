@@ -6,59 +6,26 @@ array or file), so a test cannot pass because some other error fired. Positive
 controls run the same inputs without the defect and must succeed, so a test
 cannot pass because everything fails.
 
-Most cases call the entry point inside the test process (`train_in`, `predict_in`):
+Most cases call the entry point inside the test process (`inproc.train_here`, `predict_here`):
 validation needs no process of its own. A few of each family run the real command
 as a subprocess, for the exit code and the single error line of a real process,
 and every case that needs MPI ranks runs under mpirun.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 
 import numpy as np
 import pytest
 
-from conftest import Result, one_error_line, predict, train
+from helpers import one_error_line, predict, train
 from inproc import predict_here, train_here
 
 EXIT_USAGE = 2
 LAYERS = "4,8,3"  # matches the classification_npz fixture: 4 features, labels 0..2
-TIMEOUT = 60  # seconds for one in-process command
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def deadline(seconds: float = TIMEOUT):
-    """Fail the test when the block takes longer than `seconds`, so that an in-process
-    command that blocks (a regression that opens a FIFO, say) fails instead of hanging
-    the session. SIGALRM interrupts a blocking system call; pytest's Failed is a
-    BaseException, which the commands' `except Exception` lets through."""
-    def expire(signum, frame):
-        pytest.fail(f"the command was still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def train_in(args: list, cwd=None) -> Result:
-    """`ddp-train ARGS` in this process (a world of one), within TIMEOUT."""
-    with deadline():
-        return train_here(args, cwd=cwd)
-
-
-def predict_in(args: list, cwd=None) -> Result:
-    """`ddp-predict ARGS` in this process, within TIMEOUT."""
-    with deadline():
-        return predict_here(args, cwd=cwd)
 
 
 def _show(res) -> str:
@@ -125,7 +92,7 @@ def test_control_good_npz_trains(classification_npz):
 
 
 def test_control_good_npz_with_explicit_layers_trains(classification_npz):
-    expect_ok(train_in(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2"]))
+    expect_ok(train_here(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2"]))
 
 
 # --- flags ------------------------------------------------------------------------------
@@ -184,7 +151,7 @@ FLAG_CASES = [
 @pytest.mark.parametrize("extra,fragments", [c[1:] for c in FLAG_CASES],
                          ids=[c[0] for c in FLAG_CASES])
 def test_bad_flag(classification_npz, tmp_path, extra, fragments):
-    res = train_in(_flag_args(classification_npz, tmp_path, extra))
+    res = train_here(_flag_args(classification_npz, tmp_path, extra))
     expect_error(res, *fragments)
     assert not (tmp_path / "no").exists()
 
@@ -230,17 +197,17 @@ TOML_CASES = [
 def test_bad_config_file(classification_npz, tmp_path, text, fragments):
     cfg = tmp_path / "run.toml"
     cfg.write_text(text)
-    res = train_in(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"])
+    res = train_here(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"])
     expect_error(res, *fragments)
 
 
 def test_missing_config_file(classification_npz, tmp_path):
-    res = train_in(["--config", str(tmp_path / "nope.toml"), "--data", str(classification_npz)])
+    res = train_here(["--config", str(tmp_path / "nope.toml"), "--data", str(classification_npz)])
     expect_error(res, "--config", "nope.toml", "no such file")
 
 
 def test_config_that_is_a_directory(classification_npz, tmp_path):
-    res = train_in(["--config", str(tmp_path), "--data", str(classification_npz)])
+    res = train_here(["--config", str(tmp_path), "--data", str(classification_npz)])
     expect_error(res, "--config", "is a directory, not a regular file")
 
 
@@ -251,7 +218,7 @@ def test_config_file_that_is_not_utf8(classification_npz, tmp_path, kind):
         cfg.write_bytes(b"\xff\xfe\x00 lr = 0.1\n")
     else:
         cfg = classification_npz
-    res = train_in(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"])
+    res = train_here(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"])
     expect_error(res, "--config", cfg.name)
 
 
@@ -260,7 +227,7 @@ def test_control_good_config_file_and_flags_override_it(classification_npz, tmp_
     # dashed and underscored keys; `steps = 0` in the file is invalid but the flag overrides it
     cfg.write_text('batch-size = 16\nlr = 0.05\nlayers = [4, 8, 3]\nactivation = "tanh"\n'
                    "steps = 0\nshuffle = false\n")
-    expect_ok(train_in(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"]))
+    expect_ok(train_here(["--config", str(cfg), "--data", str(classification_npz), "--steps", "2"]))
 
 
 # --- data that does not match the layers or the loss -----------------------------------------
@@ -473,7 +440,7 @@ DATA_CASES = [f for name, f in sorted(globals().items()) if name.startswith("cas
 @pytest.mark.parametrize("make", DATA_CASES, ids=[f.__name__[5:].replace("_", "-") for f in DATA_CASES])
 def test_bad_data(tmp_path, arrays, make):
     spec, extra, fragments = make(tmp_path, *arrays)
-    res = train_in(["--data", spec, "--steps", "2", *extra])
+    res = train_here(["--data", spec, "--steps", "2", *extra])
     expect_error(res, *fragments)
 
 
@@ -486,7 +453,7 @@ def test_object_array_is_refused_without_unpickling(tmp_path, arrays, where, com
     content[where] = canary_array(canary, (90, 4) if where == "X" else (90,))
     path = tmp_path / "d.npz"
     (np.savez_compressed if compressed else np.savez)(path, allow_pickle=True, **content)
-    res = train_in(["--data", str(path), "--layers", LAYERS, "--steps", "2"])
+    res = train_here(["--data", str(path), "--layers", LAYERS, "--steps", "2"])
     expect_error(res, "--data", "d.npz")
     assert not canary.exists(), "the object array was unpickled"
 
@@ -496,7 +463,7 @@ def test_object_array_is_refused_without_unpickling(tmp_path, arrays, where, com
 def test_unreadable_data_file(classification_npz):
     os.chmod(classification_npz, 0)
     try:
-        res = train_in(["--data", str(classification_npz), "--steps", "2"])
+        res = train_here(["--data", str(classification_npz), "--steps", "2"])
     finally:
         os.chmod(classification_npz, 0o644)
     expect_error(res, "--data", classification_npz.name)
@@ -520,7 +487,7 @@ def test_control_good_data_variants(tmp_path, arrays):
     }
     np.savez_compressed(tmp_path / "c.npz", X=X, y=y)
     for name, args in runs.items():
-        res = train_in([*args, "--steps", "2"])
+        res = train_here([*args, "--steps", "2"])
         assert res.returncode == 0, f"{name}: {_show(res)}"
         assert "Traceback" not in res.stderr, f"{name}: {res.stderr}"
 
@@ -573,20 +540,20 @@ EDGE_CASES = [
 @pytest.mark.parametrize("make", EDGE_CASES)
 def test_bad_data_edge_cases(tmp_path, arrays, make):
     spec, extra, fragments = make(tmp_path, *arrays)
-    res = train_in(["--data", spec, "--steps", "2", *extra])
+    res = train_here(["--data", spec, "--steps", "2", *extra])
     line = expect_error(res, *fragments)
     assert "-9223372036854775808" not in line, line
 
 
 def test_batch_size_far_above_the_data_size(classification_npz):
-    res = train_in(["--data", str(classification_npz), "--batch-size", str(10 ** 15), "--steps", "2"])
+    res = train_here(["--data", str(classification_npz), "--batch-size", str(10 ** 15), "--steps", "2"])
     assert "Traceback" not in res.stderr, res.stderr
     if res.returncode != 0:
         expect_error(res, "--batch-size")
 
 
 def test_checkpoint_dir_is_a_file(classification_npz):
-    res = train_in(["--data", str(classification_npz), "--steps", "2",
+    res = train_here(["--data", str(classification_npz), "--steps", "2",
                  "--checkpoint-dir", str(classification_npz)])
     line = one_error_line(res.stderr)
     assert res.returncode in (2, 4), _show(res)  # bad input or cannot write: either is a fair code
@@ -661,7 +628,7 @@ INIT_CASES = [f for name, f in sorted(globals().items()) if name.startswith("ini
 @pytest.mark.parametrize("make", INIT_CASES, ids=[f.__name__[5:].replace("_", "-") for f in INIT_CASES])
 def test_bad_init(classification_npz, tmp_path, make):
     path, extra, fragments = make(tmp_path)
-    res = train_in(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
+    res = train_here(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
                  "--init", path, *extra])
     expect_error(res, *fragments)
 
@@ -672,7 +639,7 @@ def test_init_object_array_is_refused_without_unpickling(classification_npz, tmp
     arrays["W0"] = canary_array(canary, (4, 8))
     path = tmp_path / "init.npz"
     np.savez(path, allow_pickle=True, **arrays)
-    res = train_in(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
+    res = train_here(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
                  "--init", str(path)])
     expect_error(res, "--init", "init.npz")
     assert not canary.exists(), "the --init file was unpickled"
@@ -682,7 +649,7 @@ def test_init_value_overflows_float32(classification_npz, tmp_path):
     arrays = good_init()
     arrays["W0"][0, 0] = 1e300
     path = _npz(tmp_path, "init.npz", **arrays)
-    res = train_in(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
+    res = train_here(["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2",
                  "--init", path])
     expect_error(res, "--init", "W0")
 
@@ -691,8 +658,8 @@ def test_control_good_init(classification_npz, tmp_path):
     with_bias = _npz(tmp_path, "init.npz", **good_init())
     without_bias = _npz(tmp_path, "init_nb.npz", **good_init(bias=False))
     base = ["--data", str(classification_npz), "--layers", LAYERS, "--steps", "2"]
-    expect_ok(train_in([*base, "--init", with_bias]))
-    expect_ok(train_in([*base, "--init", without_bias, "--no-bias"]))
+    expect_ok(train_here([*base, "--init", with_bias]))
+    expect_ok(train_here([*base, "--init", without_bias, "--no-bias"]))
 
 
 # --- the same under mpirun -n 2 -----------------------------------------------------------
@@ -743,7 +710,7 @@ def test_control_good_input_under_mpirun(classification_npz):
 @pytest.fixture
 def model_file(classification_npz, tmp_path):
     path = tmp_path / "model.npz"
-    res = train_in(["--data", str(classification_npz), "--steps", "5", "--output", str(path)])
+    res = train_here(["--data", str(classification_npz), "--steps", "5", "--output", str(path)])
     assert res.returncode == 0 and path.exists(), _show(res)
     return path
 
@@ -761,7 +728,7 @@ def test_predict_without_targets_writes_predictions(model_file, tmp_path, explic
     data = _npz(tmp_path, "noy.npz", X=X)
     out = tmp_path / ("preds.npy" if explicit_output else "predictions.npy")
     args = ["--model", str(model_file), "--data", data]
-    res = predict_in(args + (["--output", str(out)] if explicit_output else []), cwd=tmp_path)
+    res = predict_here(args + (["--output", str(out)] if explicit_output else []), cwd=tmp_path)
     expect_ok(res)
     preds = np.load(out)
     assert preds.shape == (37,), preds.shape
@@ -813,7 +780,7 @@ def _bytes(tmp_path, name) -> str:
 @pytest.mark.parametrize("make,fragments", [c[1:] for c in PREDICT_CASES],
                          ids=[c[0] for c in PREDICT_CASES])
 def test_predict_bad_input(model_file, tmp_path, make, fragments):
-    res = predict_in(make(tmp_path, str(model_file)), cwd=tmp_path)
+    res = predict_here(make(tmp_path, str(model_file)), cwd=tmp_path)
     expect_error(res, *fragments, prog="ddp-predict")
     assert not (tmp_path / "predictions.npy").exists()
 
@@ -828,5 +795,5 @@ def test_predict_bad_input_through_the_real_command(model_file, tmp_path):
 
 def test_predict_scalar_y(model_file, tmp_path):
     data = _npz(tmp_path, "d.npz", X=np.zeros((5, 4)), y=np.int64(1))
-    res = predict_in(["--model", str(model_file), "--data", data], cwd=tmp_path)
+    res = predict_here(["--model", str(model_file), "--data", data], cwd=tmp_path)
     expect_error(res, "d.npz", prog="ddp-predict")

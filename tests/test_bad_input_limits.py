@@ -13,21 +13,21 @@ import warnings
 import numpy as np
 import pytest
 
-import conftest
-from conftest import PY, predict, run, train
-from test_bad_input import predict_in, train_in
+import helpers
+from helpers import PY, predict, run, train
+from inproc import predict_here, train_here
 
 TIMEOUT = 60
 
 
 def expect_error(res, prog: str, *fragments: str) -> str:
-    line = conftest.expect_error(res, prog, *fragments)
+    line = helpers.expect_error(res, prog, *fragments)
     assert "Warning" not in res.stderr, res.stderr  # no numpy warning line either
     return line
 
 
-def in_process(command, args: list) -> conftest.Result:
-    """`command(args)` (train_in or predict_in), and no warning: a subprocess would print
+def in_process(command, args: list) -> helpers.Result:
+    """`command(args)` (train_here or predict_here), and no warning: a subprocess would print
     one on stderr, where expect_error looks; in process the warnings are recorded."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -63,7 +63,7 @@ def test_train_flag_out_of_bounds(flags, fragments):
     if "zmq" in flags:  # a real process: code that regressed would start a coordinator and
         res = train(args, timeout=TIMEOUT)  # its workers, which the timeout kills as a group
     else:
-        res = in_process(train_in, args)
+        res = in_process(train_here, args)
     expect_error(res, "ddp-train", *fragments)
 
 
@@ -79,7 +79,7 @@ TOML_CASES = [
 def test_train_config_file_values(tmp_path, text, fragments):
     path = tmp_path / "run.toml"
     path.write_text(text + "\nsteps = 1\n")
-    res = in_process(train_in, ["--config", str(path)])
+    res = in_process(train_here, ["--config", str(path)])
     expect_error(res, "ddp-train", *fragments)
 
 
@@ -116,7 +116,7 @@ def _data(tmp_path, kind: str) -> str:
 ])
 def test_train_refuses_data(tmp_path, kind, fragments):
     path = _data(tmp_path, kind)
-    res = in_process(train_in, ["--data", path, "--layers", "2,8,3", "--steps", "1"])
+    res = in_process(train_here, ["--data", path, "--layers", "2,8,3", "--steps", "1"])
     expect_error(res, "ddp-train", f"--data {path}", *fragments)
 
 
@@ -138,7 +138,7 @@ def test_in_process_checks_of_the_same_data(tmp_path):
 @pytest.fixture(scope="module")
 def model_arrays(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m.npz"
-    res = train_in(["--steps", "2", "--standardize", "--output", str(path)])
+    res = train_here(["--steps", "2", "--standardize", "--output", str(path)])
     assert res.returncode == 0, res.stderr
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -160,7 +160,7 @@ MODEL_CASES = [  # (id, change to the config, fragment)
 @pytest.mark.parametrize("change,fragment", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
 def test_predict_refuses_a_crafted_model_config(tmp_path, model_arrays, change, fragment):
     path = _crafted(tmp_path, model_arrays, change)
-    res = in_process(predict_in, ["--model", str(path), "--data", "spiral"])
+    res = in_process(predict_here, ["--model", str(path), "--data", "spiral"])
     expect_error(res, "ddp-predict", f"--model {path}", fragment)
 
 
@@ -184,7 +184,7 @@ def _crafted(tmp_path, model_arrays, change):
 def test_predict_control_the_untouched_model_works(tmp_path, model_arrays):
     path = tmp_path / "m.npz"
     np.savez(path, **model_arrays)
-    res = in_process(predict_in, ["--model", str(path), "--data", "spiral"])
+    res = in_process(predict_here, ["--model", str(path), "--data", "spiral"])
     assert res.returncode == 0 and "accuracy" in res.stdout, res.stderr
 
 
@@ -192,7 +192,7 @@ def test_predict_header_only_csv(tmp_path, model_arrays):
     path = tmp_path / "m.npz"
     np.savez(path, **model_arrays)
     csv = _data(tmp_path, "header-only-csv")
-    res = in_process(predict_in, ["--model", str(path), "--data", csv])
+    res = in_process(predict_here, ["--model", str(path), "--data", csv])
     expect_error(res, "ddp-predict", f"--data {csv}", "no data rows")
 
 

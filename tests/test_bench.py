@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BIN, MPIRUN, PY, alive, descendants, kill_tree, one_error_line, processes_mentioning, run
+from helpers import BIN, MPIRUN, PY, alive, descendants, kill_tree, one_error_line, processes_mentioning, run
 from ddp import bench
 from ddp.bench.cli import TORCH_NOTE, document, print_report
 from ddp.bench.machine import machine_line

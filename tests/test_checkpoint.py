@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (_env, alive, kill_tree, load_model, one_error_line, rank_pids, train,
+from helpers import (_env, alive, kill_tree, load_model, one_error_line, rank_pids, train,
                       train_cmd, unstamped)
 from ddp import checkpoint as ckpt
 from ddp.model import Layout

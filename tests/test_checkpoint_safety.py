@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import _env, kill_tree, one_error_line, train, train_cmd
+from helpers import _env, kill_tree, one_error_line, train, train_cmd
 from ddp import checkpoint as ckpt
 from inproc import predict_here, train_here
 from zmq_helpers import max_param_diff

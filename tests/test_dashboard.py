@@ -22,7 +22,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import free_port, kill_tree, train_cmd
+from helpers import free_port, kill_tree, train_cmd
 from zmq_helpers import procs  # noqa: F401 (a fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

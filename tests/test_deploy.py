@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import BIN, MPIRUN, PY, free_port, read_json, run
+from helpers import BIN, MPIRUN, PY, free_port, read_json, run
 from inproc import call
 from zmq_helpers import Proc
 

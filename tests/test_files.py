@@ -18,9 +18,8 @@ import stat
 
 import pytest
 
-from conftest import PY, Result, expect_error, run, train
-from inproc import call
-from test_bad_input import deadline, predict_in, train_in
+from helpers import PY, Result, expect_error, run, train
+from inproc import call, deadline, predict_here, train_here
 from zmq_helpers import procs  # noqa: F401 (fixture)
 
 TIMEOUT = 60
@@ -48,7 +47,7 @@ def fifo(tmp_path):
                                        ("--config", "c.toml"), ("--init", "i.npz")])
 def test_train_refuses_a_fifo_input(fifo, flag, name):
     path = fifo(name)
-    res = train_in([flag, path, "--steps", "1"])
+    res = train_here([flag, path, "--steps", "1"])
     expect_error(res, "ddp-train", f"{flag} {path}", "named pipe")
 
 
@@ -63,21 +62,21 @@ def test_train_refuses_a_fifo_input_through_the_real_command(fifo):
 def test_train_refuses_a_directory_input(tmp_path, flag):
     d = tmp_path / "dir.npz"
     d.mkdir()
-    res = train_in([flag, str(d), "--steps", "1"])
+    res = train_here([flag, str(d), "--steps", "1"])
     expect_error(res, "ddp-train", f"{flag} {d}", "directory")
 
 
 def test_train_reads_through_a_symlink_to_a_regular_file(tmp_path, classification_npz):
     link = tmp_path / "link.npz"
     link.symlink_to(classification_npz)
-    res = train_in(["--data", str(link), "--steps", "2"])
+    res = train_here(["--data", str(link), "--steps", "2"])
     assert res.returncode == 0, res.stderr
 
 
 @pytest.fixture
 def model_file(tmp_path):
     path = tmp_path / "model.npz"
-    res = train_in(["--steps", "2", "--output", str(path)])
+    res = train_here(["--steps", "2", "--output", str(path)])
     assert res.returncode == 0, res.stderr
     return path
 
@@ -90,7 +89,7 @@ def test_predict_refuses_a_fifo(model_file, fifo, which):
     else:
         path = fifo("d." + which.split()[1])
         args = ["--model", str(model_file), "--data", path]
-    res = predict_in(args)
+    res = predict_here(args)
     expect_error(res, "ddp-predict", f"{which.split()[0]} {path}", "named pipe")
 
 
@@ -177,7 +176,7 @@ def test_output_device_node_is_refused_and_left_alone(tmp_path):
     replace the real /dev/null of the machine (as root), which is what this guards against."""
     node = tmp_path / "null"
     os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    res = train_in(["--steps", "2", "--output", str(node)])
+    res = train_here(["--steps", "2", "--output", str(node)])
     expect_error(res, "ddp-train", f"--output {node}", "character device")
     after = os.lstat(node)
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == os.makedev(1, 3)
@@ -197,7 +196,7 @@ def test_dev_null_is_refused_in_process():
 @pytest.mark.parametrize("flag", ["--output", "--summary-json", "--log-jsonl"])
 def test_output_fifo_is_refused(fifo, flag):
     path = fifo("out")
-    res = train_in(["--steps", "2", flag, path])
+    res = train_here(["--steps", "2", flag, path])
     expect_error(res, "ddp-train", f"{flag} {path}", "named pipe")
     assert stat.S_ISFIFO(os.lstat(path).st_mode)
 
@@ -216,7 +215,7 @@ def test_output_symlink_is_refused_and_kept(tmp_path, flag):
     target.write_text("keep me")
     link = tmp_path / "link"
     link.symlink_to(target)
-    res = train_in(["--steps", "2", flag, str(link)])
+    res = train_here(["--steps", "2", flag, str(link)])
     expect_error(res, "ddp-train", f"{flag} {link}", "symbolic link", str(target))
     assert link.is_symlink() and target.read_text() == "keep me"
 
@@ -224,6 +223,6 @@ def test_output_symlink_is_refused_and_kept(tmp_path, flag):
 def test_output_directory_is_refused_before_training(tmp_path):
     d = tmp_path / "model.npz"
     d.mkdir()
-    res = train_in(["--steps", "2", "--output", str(d)])
+    res = train_here(["--steps", "2", "--output", str(d)])
     expect_error(res, "ddp-train", f"--output {d}", "directory")
     assert "done:" not in res.stdout

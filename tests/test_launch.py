@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import _env, load_model, one_error_line, read_json, run, train, train_cmd
+from helpers import _env, load_model, one_error_line, read_json, run, train, train_cmd
 from ddp.threads import choose_threads, host_cores
 from inproc import train_here
 
@@ -141,7 +141,7 @@ def _without(module: str, main: str, args: list[str]) -> list[str]:
     """Run `main(args)` in a Python where importing `module` fails, as when not installed.
     A fresh interpreter: in this one the package is imported already, by modules that
     keep their reference to it."""
-    from conftest import PY
+    from helpers import PY
     code = (f"import sys; sys.modules[{module!r}] = None\n"
             f"from ddp.cli import {main}; sys.exit({main}({args!r}))")
     return [PY, "-c", code]
@@ -158,7 +158,7 @@ def _without(module: str, main: str, args: list[str]) -> list[str]:
     ("zmq", "run_worker", ["--connect", "tcp://127.0.0.1:{port}"], "pip install pyzmq"),
 ])
 def test_a_missing_package_is_one_line_before_training(tmp_path, module, main, args, fragment):
-    from conftest import free_port
+    from helpers import free_port
     port = str(free_port())
     args = [a.replace("{port}", port) for a in args] + (
         ["--output", str(tmp_path / "m.npz")] if main == "run_train" else [])
@@ -169,11 +169,11 @@ def test_a_missing_package_is_one_line_before_training(tmp_path, module, main, a
 
 
 def test_the_coordinators_default_metrics_port_without_prometheus_client_only_warns(tmp_path):
-    from conftest import free_port
+    from helpers import free_port
     args = ["--bind", f"tcp://127.0.0.1:{free_port()}", "--workers", "1", "--steps", "3"]
     code = ("import sys; sys.modules['prometheus_client'] = None\n"
             f"from ddp.cli import run_train; sys.exit(run_train({args!r}, prog='ddp-coordinator'))")
-    from conftest import PY
+    from helpers import PY
     r = run([PY, "-c", code], timeout=90)
     assert r.returncode == 0, r.stderr
     assert "pip install prometheus-client; serving no metrics" in r.stderr

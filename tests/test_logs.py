@@ -8,7 +8,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from conftest import PY, STAMP, one_error_line, run, train
+from helpers import PY, STAMP, one_error_line, run, train
 from inproc import predict_here, train_here
 
 
@@ -62,7 +62,7 @@ def test_quiet_is_a_config_key_too(tmp_path):
 
 
 def test_coordinator_quiet(tmp_path):
-    from conftest import free_port
+    from helpers import free_port
     cmd = [PY, "-m", "ddp", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--workers", "1",
            "--steps", "20", "--metrics-port", "0", "--quiet"]
     r = run(cmd, timeout=90)

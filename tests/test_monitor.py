@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MPIRUN, free_port, rank_pids, kill_tree, one_error_line, train, train_cmd
+from helpers import MPIRUN, free_port, rank_pids, kill_tree, one_error_line, train, train_cmd
 from ddp.monitor import BUCKETS, REJECT_REASONS, STATES, Monitor
 from inproc import train_here
 from zmq_helpers import procs  # noqa: F401 (fixture)

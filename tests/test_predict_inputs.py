@@ -3,7 +3,7 @@ targets are optional (an .npz without y, a CSV without its target column)."""
 import numpy as np
 import pytest
 
-from conftest import expect_error
+from helpers import expect_error
 from ddp import data as ddata
 from ddp.config import Config
 from ddp.errors import DataError

@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import MPIRUN, PY, free_port, train_cmd
+from helpers import MPIRUN, PY, free_port, train_cmd
 from zmq_helpers import Proc, ipc
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

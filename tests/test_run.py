@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import load_model
+from helpers import load_model
 from ddp.coordinator.exchange import LocalExchange
 from ddp.coordinator.mpi import LocalComm
 from ddp.coordinator.run import Evaluator, Run

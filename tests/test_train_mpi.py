@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import load_model, read_json, train
+from helpers import load_model, read_json, train
 from inproc import train_here
 
 
@@ -97,7 +97,7 @@ def test_digits_with_validation_and_standardization_and_predict(tmp_path):
     assert s["val_accuracy"] > 0.9
     cfg = json.loads(str(load_model(tmp_path / "m.npz")["config"]))
     assert len(cfg["standardize"]["mean"]) == 64
-    from conftest import predict
+    from helpers import predict
     p = predict(["--model", str(tmp_path / "m.npz"), "--data", "digits"])
     assert p.returncode == 0, p.stderr
     acc = float(p.stdout.split("accuracy")[1].split()[0])
@@ -119,7 +119,7 @@ def test_mse_regression_from_csv(tmp_path):
 
 def test_console_scripts_are_installed_and_run(tmp_path):
     import shutil
-    from conftest import BIN, MPIRUN, run
+    from helpers import BIN, MPIRUN, run
     train_script = shutil.which("ddp-train", path=BIN) or shutil.which("ddp-train")
     predict_script = shutil.which("ddp-predict", path=BIN) or shutil.which("ddp-predict")
     if not train_script or not predict_script:
@@ -133,7 +133,7 @@ def test_console_scripts_are_installed_and_run(tmp_path):
 
 def test_blas_threads_split_the_cores_between_local_ranks(tmp_path):
     import os
-    from conftest import _env
+    from helpers import _env
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in _env().items() if not k.endswith("_NUM_THREADS")}  # else they decide
     for n, extra, expected in ((1, [], cores), (2, [], max(1, cores // 2)), (2, ["--threads", "3"], 3)):
@@ -144,7 +144,7 @@ def test_blas_threads_split_the_cores_between_local_ranks(tmp_path):
 
 def test_a_launcher_of_another_mpi_is_detected_instead_of_training_alone(tmp_path):
     """Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE; an MPICH-linked mpi4py then sees a world of 1."""
-    from conftest import _env, one_error_line, run, train_cmd
+    from helpers import _env, one_error_line, run, train_cmd
     env = dict(_env(), OMPI_COMM_WORLD_SIZE="2")
     r = run(train_cmd(["--steps", "2", "--output", str(tmp_path / "m.npz")]), env=env)
     assert r.returncode == 2

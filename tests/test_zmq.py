@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MPIRUN, PY, alive, descendants, one_error_line, read_json, run, train
+from helpers import MPIRUN, PY, alive, descendants, one_error_line, read_json, run, train
 from zmq_helpers import (SMALL, ipc, max_param_diff, ordered_sum, procs,  # noqa: F401, F811
                          served)  # (procs, served: fixtures)
 

@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import read_json, rss_mb, train
+from helpers import read_json, rss_mb, train
 from ddp import protocol
 from ddp.model import Layout
 from zmq_helpers import SMALL, ipc, max_param_diff, procs, served  # noqa: F401, F811 (fixtures)

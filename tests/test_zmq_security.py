@@ -19,7 +19,7 @@ import stat
 
 import pytest
 
-from conftest import BIN, PY, free_port, one_error_line, read_json, run
+from helpers import BIN, PY, free_port, one_error_line, read_json, run
 from inproc import call
 from zmq_helpers import SMALL, max_param_diff, procs  # noqa: F401  (procs is a fixture)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import PY, _env, kill_tree, unstamped
+from helpers import PY, _env, kill_tree, unstamped
 from ddp import protocol
 
 # a model big enough that a run lasts a while, small enough for 2 cores
