@@ -141,17 +141,17 @@ def run_lean(args) -> int:
     he_init_(params)
     X, y = random_shard(layers, shard_rows(args.batch, rank, world_size), rank, dtype)
     scale = args.lr / args.batch                   # the mean over the global batch
-    t_comm = 0.0
+    t_exchange = 0.0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             comm.Barrier()
             t0 = time.perf_counter()
-            t_comm = 0.0
+            t_exchange = 0.0
         sums[n] = grad_sums_(params, grads, X, y)
         if not args.no_comm:
             t1 = time.perf_counter()
             comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-            t_comm += time.perf_counter() - t1
+            t_exchange += time.perf_counter() - t1
         grads_flat *= scale                        # params -= lr/batch · grads, no temporary
         params_flat -= grads_flat
     comm.Barrier()
@@ -162,7 +162,7 @@ def run_lean(args) -> int:
         emit({"program": "limit" if args.no_comm else "lean", "world_size": world_size,
               "samples_per_second": args.batch * args.steps / seconds, "seconds": seconds,
               "steps": args.steps, "step_ms": seconds / args.steps * 1e3,
-              "comm_seconds": t_comm, "comm_fraction": t_comm / seconds,
+              "exchange_seconds": t_exchange, "exchange_fraction": t_exchange / seconds,
               "loss": float(sums[n]) / max(loss_rows, 1), "parameters": n,
               "threads_per_rank": threads, "param_digests": digests})
     return 0

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import NamedTuple
 
-from .command import INTERNAL_ERROR, print_error, write_result
+from .command import INTERNAL_ERROR, console_script, print_error, write_result
 from .config import Config, build_parser, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, PeerError, UsageError,
                      missing_package)
@@ -84,14 +84,6 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
                 print_error(prog, e)
             return e.exit_code
     return _TrainRun(prog, cfg, comm, wall_start).run(error)
-
-
-def train_main() -> None:
-    sys.exit(run_train())
-
-
-def coordinator_main() -> None:
-    sys.exit(run_train(prog="ddp-coordinator"))
 
 
 def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | None]:
@@ -310,3 +302,7 @@ class _TrainRun:
 def _dump(fh, summary: dict) -> None:
     json.dump(summary, fh, indent=2, sort_keys=True)
     fh.write("\n")
+
+
+train_main = console_script(run_train)
+coordinator_main = console_script(run_train, prog="ddp-coordinator")

@@ -39,6 +39,14 @@ def exit_code(prog: str, e: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+def console_script(run: Callable[..., int], **kw) -> Callable[[], None]:
+    """A console script's main: `run(**kw)` with the process's flags; its exit code is
+    the process's."""
+    def main() -> None:
+        sys.exit(run(**kw))
+    return main
+
+
 def write_result(path: str, flag: str, write: Callable, binary: bool = True) -> None:
     """`write(fh)` to `path` atomically and durably, as checkpoints are written.
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from . import __version__
 from . import keys as keyfiles
-from .command import exit_code
+from .command import console_script, exit_code
 from .config import command_parser
 from .errors import EXIT_OK, OutputError, UsageError
 
@@ -23,6 +22,15 @@ Write CURVE key pairs for an authenticated, encrypted ZeroMQ job into DIR:
 
 Existing files are never overwritten. Copy a worker's .key_secret only to that
 worker; remove DIR/authorized/NAME.key to lock a worker out (on the next start)."""
+
+
+def _parser():
+    p = command_parser(PROG, KEYGEN_DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("dir", metavar="DIR", help="directory for the keys (created if missing)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="a worker key pair with this name (repeatable; default: worker)")
+    return p
 
 
 def run_keygen(argv: list[str] | None = None) -> int:
@@ -44,19 +52,6 @@ def run_keygen(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except BaseException as e:
         return exit_code(PROG, e)
-
-
-def keygen_main() -> None:
-    sys.exit(run_keygen())
-
-
-def _parser():
-    p = command_parser(PROG, KEYGEN_DESCRIPTION)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("dir", metavar="DIR", help="directory for the keys (created if missing)")
-    p.add_argument("--name", action="append", metavar="NAME",
-                   help="a worker key pair with this name (repeatable; default: worker)")
-    return p
 
 
 def _check_names(names: list[str]) -> None:
@@ -106,3 +101,6 @@ def _write_pair(pair: tuple[bytes, bytes], base: str, public_copy: str | None,
     if public_copy:
         keyfiles.write_keys(public_copy, public, None)
         written.append(public_copy)
+
+
+keygen_main = console_script(run_keygen)

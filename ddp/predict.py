@@ -6,13 +6,12 @@ are optional: an .npz may lack y, a CSV may lack its target column.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as ddata
-from .command import exit_code, write_result
+from .command import console_script, exit_code, write_result
 from .config import Config, command_parser
 from .errors import EXIT_OK, UsageError
 from .files import check_output_target
@@ -29,6 +28,17 @@ cross-entropy, outputs for mse) to --output as .npy.
 Exit codes: 0 done; 1 internal error; 2 bad input; 4 cannot write the output."""
 
 DEFAULT_PREDICTIONS = "predictions.npy"
+
+
+def _parser():
+    p = command_parser(PROG, PREDICT_DESCRIPTION)
+    p.add_argument("--model", required=True, metavar="MODEL.npz", help="model file from ddp-train --output")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="a .npz (X, optional y), a .csv (header; target last, optional) or spiral/digits")
+    p.add_argument("--output", metavar="PREDS.npy",
+                   help="write predictions here (default when the data has no targets: predictions.npy)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
+    return p
 
 
 def run_predict(argv: list[str] | None = None) -> int:
@@ -48,21 +58,6 @@ def run_predict(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except BaseException as e:
         return exit_code(PROG, e)
-
-
-def predict_main() -> None:
-    sys.exit(run_predict())
-
-
-def _parser():
-    p = command_parser(PROG, PREDICT_DESCRIPTION)
-    p.add_argument("--model", required=True, metavar="MODEL.npz", help="model file from ddp-train --output")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="a .npz (X, optional y), a .csv (header; target last, optional) or spiral/digits")
-    p.add_argument("--output", metavar="PREDS.npy",
-                   help="write predictions here (default when the data has no targets: predictions.npy)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
-    return p
 
 
 def _parse(parser, argv):
@@ -158,3 +153,6 @@ def _save(out: str, preds: np.ndarray, loss: str, given: bool) -> None:
     what = "class indices" if loss == "cross-entropy" else "outputs"
     print(f"predictions ({what}) for {len(preds)} samples written to {os.path.abspath(out)}"
           + ("" if given else " (no --output given)"), flush=True)
+
+
+predict_main = console_script(run_predict)

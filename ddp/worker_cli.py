@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from . import __version__
-from .command import exit_code
+from .command import console_script, exit_code
 from .config import command_parser
 from .errors import EXIT_OK, EXIT_SIGNAL_BASE, UsageError
 from .log import Log
@@ -26,6 +25,23 @@ cleanly; if the coordinator goes away the worker reconnects by itself.
 Exit codes: 0 the job finished or the coordinator stopped; 1 internal error;
 2 bad input, refused by the coordinator, or keys rejected; 5 no coordinator
 answered within --retry-for; 128+N left on signal N."""
+
+
+def _parser():
+    p = command_parser(PROG, WORKER_DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT",
+                   help="the coordinator's endpoint, e.g. tcp://10.0.0.5:5555")
+    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key (from ddp-keygen)")
+    p.add_argument("--server-key", metavar="FILE", help="the coordinator's public key (coordinator.key)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="BLAS threads (default: the cores of this host)")
+    p.add_argument("--retry-for", type=_positive_float, metavar="SECONDS",
+                   help="give up (exit 5) when no coordinator answers for this long (default: never)")
+    p.add_argument("--status", action="store_true",
+                   help="print the coordinator's status as JSON and exit, instead of joining")
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    return p
 
 
 def run_worker(argv: list[str] | None = None) -> int:
@@ -58,27 +74,6 @@ def run_worker(argv: list[str] | None = None) -> int:
         stop.restore()
 
 
-def worker_main() -> None:
-    sys.exit(run_worker())
-
-
-def _parser():
-    p = command_parser(PROG, WORKER_DESCRIPTION)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--connect", required=True, metavar="ENDPOINT",
-                   help="the coordinator's endpoint, e.g. tcp://10.0.0.5:5555")
-    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key (from ddp-keygen)")
-    p.add_argument("--server-key", metavar="FILE", help="the coordinator's public key (coordinator.key)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="BLAS threads (default: the cores of this host)")
-    p.add_argument("--retry-for", type=_positive_float, metavar="SECONDS",
-                   help="give up (exit 5) when no coordinator answers for this long (default: never)")
-    p.add_argument("--status", action="store_true",
-                   help="print the coordinator's status as JSON and exit, instead of joining")
-    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    return p
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -87,3 +82,6 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+worker_main = console_script(run_worker)

@@ -33,6 +33,14 @@ def finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _mean(total: str, count: str) -> property:
+    """A read-only attribute: the sum `total` per `count`, None while the count is 0."""
+    def get(self) -> float | None:
+        n = getattr(self, count)
+        return getattr(self, total) / n if n else None
+    return property(get, doc=f"{total} / {count} (None while {count} is 0)")
+
+
 class StepTotals:
     """Sums over a run of training steps: samples, loss, correct predictions and the
     seconds each step spent in all, computing and exchanging gradients.
@@ -89,29 +97,11 @@ class StepTotals:
         self.t_compute += t_compute
         self.t_exchange += t_exchange
 
-    @property
-    def mean_loss(self) -> float | None:
-        return _mean(self.loss_sum, self.n)
-
-    @property
-    def accuracy(self) -> float | None:
-        return _mean(self.correct, self.n)
-
-    @property
-    def step_seconds(self) -> float | None:
-        return _mean(self.t_step, self.steps)
-
-    @property
-    def compute_seconds(self) -> float | None:
-        return _mean(self.t_compute, self.steps)
-
-    @property
-    def exchange_seconds(self) -> float | None:
-        return _mean(self.t_exchange, self.steps)
-
-
-def _mean(total: float, count: int) -> float | None:
-    return total / count if count else None
+    mean_loss = _mean("loss_sum", "n")
+    accuracy = _mean("correct", "n")
+    step_seconds = _mean("t_step", "steps")
+    compute_seconds = _mean("t_compute", "steps")
+    exchange_seconds = _mean("t_exchange", "steps")
 
 
 class Window(StepTotals):
