@@ -596,10 +596,14 @@ def test_dockerfile():
             if not source.startswith("--"):
                 assert (ROOT / source).exists(), f"COPY {source}: not in the build context"
     # the package data and every package of pyproject.toml are copied
-    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
-    for pattern in includes:
-        assert re.search(rf"^COPY {pattern.rstrip('*')} ", text, re.M), pattern
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = set()
+    for package in tool["packages"]:  # the top folder of each: its package-dir, or its name
+        mapped = [p for p in tool.get("package-dir", {}) if package == p or package.startswith(p + ".")]
+        folders.add(tool["package-dir"][mapped[0]] if mapped else package.split(".")[0])
+    assert folders == {"ddp", "worker", "coordinator"}
+    for folder in folders:
+        assert re.search(rf"^COPY {folder} ", text, re.M), folder
 
 
 def k8s_docs(name: str) -> list[dict]:
