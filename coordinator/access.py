@@ -5,6 +5,8 @@ or an explicit --insecure; both are checked before any data is loaded.
 """
 from __future__ import annotations
 
+import zmq  # noqa: F401  (preflight runs before any data is loaded: without pyzmq a job stops here)
+
 from ddp import keys as keyfiles
 from ddp import protocol
 from ddp.config import Config

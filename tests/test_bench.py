@@ -219,6 +219,26 @@ def test_exit_code_1_when_a_run_failed_and_json_is_the_document(capsys):
     assert bad["failed_runs"] == 1 and print_report(bad, as_json=False) == 1
 
 
+def test_progress_lines_name_each_run_and_say_which_failed(capsys):
+    """One stderr line a run while ddp-bench works: its rate, or FAILED with the error;
+    none with --quiet."""
+    from ddp.bench.cli import _report_run
+    opts = options(repeats=1, quiet=False)
+    runs = records(opts, failed={(0, 2, "zmq")})
+    for i, record in enumerate(runs):
+        record["wall_seconds"] = 1.25
+        _report_run(opts, record, i, len(runs))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(runs)
+    failed = [ln for ln in lines if "FAILED" in ln]
+    assert failed == [ln for ln in lines if " zmq " in ln and "×2:" in ln]
+    assert failed[0].endswith("FAILED: exit 2: ddp-train: error: boom")
+    assert all(ln.startswith("ddp-bench: [") and ln.endswith("samples/s (1.2 s)")
+               for ln in lines if ln not in failed)
+    _report_run(options(repeats=1, quiet=True), runs[0], 0, len(runs))
+    assert capsys.readouterr().err == ""
+
+
 def test_every_program_gets_the_same_thread_count(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")   # the user's variables have no say in ddp-bench
     for threads in (None, 3):
