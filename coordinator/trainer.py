@@ -23,7 +23,7 @@ from ddp import data as ddata
 from ddp.errors import DDPError
 from ddp.log import Log
 from ddp.monitor import Monitor
-from ddp.optim import SGD
+from ddp.optim import state_slots
 from ddp.setup import Setup
 from ddp.signals import StopRequest
 from ddp.worker.compute import ShardCompute
@@ -57,7 +57,7 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     world, rank = comm.world_size, comm.rank
     # The step's buffer: the stats (padded to 64 bytes, so the gradients stay
     # aligned), then the gradients; all of it is summed over ranks.
-    exchange = make_exchange(comm, layout, cfg, max(N_STATS, 64 // dtype.itemsize), SGD.slots)
+    exchange = make_exchange(comm, layout, cfg, max(N_STATS, 64 // dtype.itemsize), state_slots(cfg))
     stats, grads = exchange.buf[:N_STATS], layout.views(exchange.grad)
     # buffers for the largest shard: a batch can hold no more than the training set
     max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))

@@ -77,8 +77,14 @@ class SGD:
         p -= g
 
 
+def state_slots(cfg) -> int:
+    """How many arrays of per-parameter state the optimizer `cfg` asks for keeps (the
+    exchange allocates them where the parameters live)."""
+    return SGD.slots
+
+
 def make_optimizer(cfg, layout: Layout, state_for=None) -> SGD:
     """The optimizer `cfg` asks for; `state_for(slots)` gives room for its state (the
     exchange's, so that it lives where the parameters do)."""
-    state = state_for(SGD.slots) if state_for is not None else None
+    state = state_for(state_slots(cfg)) if state_for is not None else None
     return SGD(layout, np.dtype(cfg.dtype), cfg.lr, cfg.momentum, cfg.l2, state)
