@@ -3,6 +3,7 @@ roles installed under the project's namespace, and a README layout that names ev
 file."""
 import ast
 import importlib.metadata
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -84,16 +85,26 @@ def test_the_wheel_lists_every_package_under_ddp():
     assert project["package-dir"] == {"ddp.worker": "worker", "ddp.coordinator": "coordinator"}
 
 
+def _installed_from_a_wheel():
+    """The distribution pip installed (it wrote INSTALLER; the egg-info a build leaves in
+    the checkout has none), unless it is an editable install, whose files are the
+    repository's."""
+    for dist in importlib.metadata.distributions(name="ddp-train"):
+        if not dist.read_text("INSTALLER"):
+            continue
+        origin = json.loads(dist.read_text("direct_url.json") or "{}")
+        if not origin.get("dir_info", {}).get("editable"):
+            return dist
+    return None
+
+
 def test_an_installed_wheel_has_no_top_level_worker_or_coordinator():
-    """What `pip install .` put in site-packages (not the egg-info a build leaves in the
-    checkout, nor an editable install, whose files are the repository's)."""
-    installed = [d for d in importlib.metadata.distributions(name="ddp-train")
-                 if ROOT not in Path(str(d.locate_file(""))).resolve().parents
-                 and Path(str(d.locate_file(""))).resolve() != ROOT]
-    files = {f.as_posix() for d in installed for f in d.files or []}
-    if not any(f.startswith("ddp/") for f in files):
+    dist = _installed_from_a_wheel()
+    if dist is None:
         pytest.skip("ddp-train is not installed from a wheel here (an editable install?)")
+    files = {f.as_posix() for f in dist.files or []}
     assert "ddp/worker/compute.py" in files and "ddp/coordinator/run.py" in files
+    assert "ddp/dashboard/index.html" in files and "ddp/dashboard/vendor/uPlot.iife.min.js" in files
     assert not any(f.startswith(("worker/", "coordinator/")) for f in files)
 
 
