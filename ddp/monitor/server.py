@@ -16,6 +16,7 @@ from . import views
 from .state import RunState
 
 LINGER_SECONDS = 3.0        # at the end, how long a watched run waits for a last poll
+POLL_SECONDS = 0.05         # how often the HTTP loop checks for shutdown
 WATCHED_SECONDS = 10.0      # a request this recent means someone is watching
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard"   # ddp/dashboard, package data
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -63,7 +64,10 @@ class MonitorServer:
                                                                "daemon_threads": True})
         self.httpd = server_class((addr, port), handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, name="ddp-metrics", daemon=True).start()
+        # the loop looks for shutdown every POLL_SECONDS: close() (the end of every run) waits
+        # that long at most, instead of the standard library's half second
+        threading.Thread(target=self.httpd.serve_forever, args=(POLL_SECONDS,), name="ddp-metrics",
+                         daemon=True).start()
 
     def served(self, path: str) -> None:
         self.last_request = time.monotonic()
