@@ -144,11 +144,10 @@ def test_worker_with_different_data_is_refused(tmp_path, procs):
     assert good.wait(30, context=coord.stderr) == 0
 
 
-def test_a_stopped_worker_notices_the_silence_reconnects_and_rejoins(tmp_path, procs, reference):
-    """The worker's side of a hang, which needs a real worker process: SIGSTOP stands for
-    a hang or a cut network (no heartbeat, no closed connection). After --worker-timeout
-    its shard is recomputed by the other worker; resumed, the worker notices the
-    coordinator's silence, reconnects and joins again as a new member, and the run ends
+def test_a_stopped_worker_rejoins_as_a_new_member(tmp_path, procs, reference):
+    """A real worker's side of a hang: SIGSTOP stands for a hang or a cut network (no
+    heartbeat, no closed connection). After --worker-timeout its shard is recomputed by
+    the other worker; resumed, the worker joins again as a new member, and the run ends
     exactly where it would have."""
     ep = ipc(tmp_path)
     out = tmp_path / "out.npz"
@@ -163,12 +162,34 @@ def test_a_stopped_worker_notices_the_silence_reconnects_and_rejoins(tmp_path, p
         coord.wait_for(r"waiting for 2 workers \(1 connected\)")
     finally:
         os.kill(b.pid, signal.SIGCONT)
-    b.wait_for(r"coordinator silent for [\d.]+ s; reconnecting")
     coord.wait_for(r"worker 3 joined")  # the same process, back after noticing the silence
     assert coord.wait(120) == 0, coord.stderr
     assert max_param_diff(reference, out) <= ATOL
     assert read_json(tmp_path / "s.json")["workers_lost"] == 1
     assert a.wait(30) == 0 and b.wait(30) == 0
+
+
+def test_workers_of_a_silent_coordinator_reconnect_and_the_run_ends_exactly(tmp_path, procs,
+                                                                           reference):
+    """The coordinator hangs (SIGSTOP): nothing reaches the workers, so each notices the
+    silence after --worker-timeout and reconnects; resumed, the coordinator takes them
+    back and the run ends where it would have."""
+    ep = ipc(tmp_path)
+    out = tmp_path / "out.npz"
+    coord = procs.coordinator(ep, [*JOB, "--worker-timeout", "1", "--min-workers", "2",
+                                   "--output", str(out)])
+    workers = [procs.worker(ep), procs.worker(ep)]
+    coord.wait_for(r"worker 2 joined")
+    coord.wait_for(r"^step \d+/400 ", since=coord.mark())
+    os.kill(coord.pid, signal.SIGSTOP)
+    try:
+        for w in workers:
+            w.wait_for(r"coordinator silent for [\d.]+ s; reconnecting")
+    finally:
+        os.kill(coord.pid, signal.SIGCONT)
+    assert coord.wait(120) == 0, coord.stderr
+    assert max_param_diff(reference, out) <= ATOL
+    assert all(w.wait(30) == 0 for w in workers)
 
 
 def test_embedded_ctrl_c_cleans_up_and_resumes(tmp_path, procs, reference):
