@@ -167,14 +167,20 @@ def test_curve_job_turns_away_strangers_and_trains_exactly(tmp_path, procs):
         *SMALL, "--steps", STEPS])
     coord.wait_for(r"coordinator: job \S+ on tcp://127\.0\.0\.1:\d+ \(CURVE\)", timeout=30)
 
-    # Both strangers try at once while the coordinator waits for its worker. They are
+    # The strangers try at once while the coordinator waits for its worker. They are
     # started (and must be gone) before the authorized worker, so that the coordinator
     # cannot have finished before their handshakes: the outcome does not depend on timing.
     stranger = procs.worker(endpoint, ["--curve-secret", str(other / "worker.key_secret"),
                                        "--server-key", str(good / "coordinator.key")])
     keyless = procs.worker(endpoint)
+    # a worker of ours that was given another coordinator's public key
+    misled = procs.worker(endpoint, ["--curve-secret", str(good / "worker.key_secret"),
+                                     "--server-key", str(other / "coordinator.key")])
     assert stranger.wait(timeout=20) == EXIT_USAGE, stranger.stderr
     assert keyless.wait(timeout=20) == EXIT_USAGE, keyless.stderr
+    assert misled.wait(timeout=20) == EXIT_USAGE, misled.stderr
+    line = one_error_line(misled.stderr, "ddp-worker")
+    assert "drops the connection during the CURVE handshake" in line and "--server-key" in line, line
     line = one_error_line(stranger.stderr, "ddp-worker")
     assert "refused this worker's key" in line, line
     line = one_error_line(keyless.stderr, "ddp-worker")
