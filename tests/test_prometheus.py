@@ -1,7 +1,7 @@
 """The Grafana dashboard against a real Prometheus scraping a real run.
 
 For each backend (a ZeroMQ coordinator with two workers, and mpirun -n 2), a real Prometheus
-(with deploy/prometheus/prometheus.yml, pointed at the run's ports and scraping every 0.5 s)
+(with deploy/prometheus/prometheus.yml, pointed at the run's ports and scraping every 0.25 s)
 scrapes a real training run and, when the Pushgateway is installed, the Pushgateway the run
 pushes its outcome to. Then every query of deploy/grafana/dashboards/ddp-train.json must
 return data over the run's time window, as Grafana would ask for it.
@@ -31,7 +31,7 @@ PUSHGATEWAY = shutil.which("prometheus-pushgateway") or shutil.which("pushgatewa
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the deploy files: pip install pyyaml")
 from test_deploy import DEPLOY, dashboard_exprs, load_dashboard, pushed_only  # noqa: E402
 
-SCRAPE = "500ms"
+SCRAPE = "250ms"
 JOB = "ddp-train"        # the scrape job of deploy/prometheus/prometheus.yml
 # (steps, every): a run of `steps` with evaluations and checkpoints every `every` steps; a
 # machine that runs it in less than MIN_SCRAPES scrapes gets one 4 times longer (and so on)
