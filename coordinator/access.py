@@ -17,9 +17,14 @@ from ddp.log import Log
 class CurveKeys:
     """The coordinator's key pair and the public keys it lets in (a ZAP callback)."""
 
-    def __init__(self, secret_file: str, authorized_dir: str):
+    def __init__(self, secret_file: str, authorized_dir: str, client_dir: str | None = None):
         self.public, self.secret = keyfiles.read_secret(secret_file, "--curve-secret")
-        self.allowed = keyfiles.authorized(authorized_dir)
+        workers = keyfiles.authorized(authorized_dir)
+        self.clients = keyfiles.authorized(client_dir, "--client-keys") if client_dir else set()
+        if workers & self.clients:
+            raise UsageError(f"a key is in both --authorized-keys {authorized_dir} and --client-keys "
+                             f"{client_dir}: a key is a worker's or a client's, not both")
+        self.allowed = workers | self.clients
         self.refused = 0
 
     def callback(self, domain, key: bytes) -> bool:  # runs in the authenticator's thread
@@ -51,4 +56,4 @@ def preflight(cfg: Config, log: Log) -> CurveKeys | None:
     """Check --bind and the key files before any data is loaded; the keys, if any."""
     if cfg.bind:
         check_bind(cfg, log)
-    return CurveKeys(cfg.curve_secret, cfg.authorized_keys) if cfg.curve_secret else None
+    return CurveKeys(cfg.curve_secret, cfg.authorized_keys, cfg.client_keys) if cfg.curve_secret else None

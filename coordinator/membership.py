@@ -18,6 +18,7 @@ import numpy as np
 from ddp import protocol
 from ddp.log import Log
 from ddp.monitor import Monitor
+from ddp.threads import share_of_host
 
 from .transport import Router
 
@@ -35,6 +36,10 @@ class Member:
     tasks: set = field(default_factory=set)
     rows: int = 0              # rows of outstanding tasks
     misses: int = 0            # shard deadlines missed in a row
+    host: str = ""             # the machine it runs on (an opaque id) and its cores
+    cores: int = 1
+    job: str = ""              # the protocol id of the job it is in ("": a service's idle worker)
+    joined: bool = True        # False while it loads a service's job: not expected to answer
 
 
 class Membership:
@@ -47,7 +52,8 @@ class Membership:
         self.timeout = timeout
         self.heartbeat = max(0.05, timeout / 6)
         self.members: dict[bytes, Member] = {}
-        self.pending: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # sent the job
+        self.pending: OrderedDict[bytes, tuple[str, float, str, int]] = OrderedDict()
+        # ↑ sent the job: name, when, host, cores
         self.strikes: OrderedDict[bytes, int] = OrderedDict()
         self.banned: OrderedDict[bytes, None] = OrderedDict()
         self.dropped: Counter = Counter()
@@ -101,18 +107,20 @@ class Membership:
         member = self.members.get(peer)
         return None if member is None else (member, f"sent {n} invalid messages; ignoring it from now on")
 
-    def hello(self, peer: bytes) -> str:
+    def hello(self, peer: bytes, host: str = "", cores: int = 1) -> str:
         """A new peer in the handshake (not a member: the caller drops one first); its name."""
         name = f"worker {next(self.names)}"
         self.pending.pop(peer, None)
-        self.pending[peer] = (name, time.monotonic())
+        self.pending[peer] = (name, time.monotonic(), host, cores)
         while len(self.pending) > MAX_TRACKED_PEERS:
             self.pending.popitem(last=False)
         return name
 
-    def admit(self, peer: bytes, name: str, step: int, job_id: str) -> Member:
+    def admit(self, peer: bytes, name: str, step: int, job_id: str, host: str = "",
+              cores: int = 1) -> Member:
         now = time.monotonic()
-        member = Member(peer, name, step, last_heard=now, last_sent=now)
+        member = Member(peer, name, step, last_heard=now, last_sent=now, host=host, cores=cores,
+                        job=job_id)
         self.members[peer] = member
         self.log.info(f"{name} joined ({len(self.members)} worker{'s' * (len(self.members) > 1)}); "
                       f"it takes a shard from the next step")
@@ -120,11 +128,22 @@ class Membership:
         if self.monitor is not None:
             self.monitor.worker_joined(name, step)
             self.monitor.set_workers(len(self.members))
+        self.share_host(host)
         return member
+
+    def share_host(self, host: str) -> None:
+        """Tell each member on `host` its share of the host's cores (cores ÷ the members
+        there): workers that share a machine do not each take all its cores."""
+        if not host:
+            return
+        there = [m for m in self.members.values() if m.host == host]
+        for member in there:
+            self.reply(member.peer, "threads", threads=share_of_host(member.cores, len(there)))
 
     def remove(self, member: Member, why: str, lost: bool = False) -> None:
         """Forget a member that left (`lost`: without saying so); log and count it."""
         del self.members[member.peer]
+        self.share_host(member.host)
         self.log.info(f"{member.name} {why} ({len(self.members)} left)")
         if lost:
             self.lost += 1
@@ -132,18 +151,19 @@ class Membership:
             self.monitor.worker_left(member.name, why, lost)
             self.monitor.set_workers(len(self.members))
 
-    def gone(self, now: float, job_id: str):
+    def gone(self, now: float):
         """Yield (member, why) for each member that is silent past the timeout or whose
-        connection closed, sending heartbeats to the others that are due one. The caller
-        drops each as it comes (which may drop others: those are skipped)."""
+        connection closed, sending heartbeats (of the member's job) to the others that are
+        due one. The caller drops each as it comes (which may drop others: those are
+        skipped). A member loading a job's data is not expected to answer meanwhile."""
         probing = self.router.probe_due(now)
         for member in list(self.members.values()):
             if member.peer not in self.members:  # dropped meanwhile (a reassignment failed)
                 continue
-            if now - member.last_heard > self.timeout:
+            if member.joined and now - member.last_heard > self.timeout:
                 yield member, f"is lost (silent for {now - member.last_heard:.1f} s)"
             elif probing or now - member.last_sent > self.heartbeat:
-                if not self.send(member.peer, protocol.encode("heartbeat", job=job_id)):
+                if not self.send(member.peer, protocol.encode("heartbeat", job=member.job)):
                     yield member, "is lost (connection closed)"
 
     def stop_all(self, reason: str) -> int:

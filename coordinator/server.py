@@ -83,7 +83,7 @@ class Coordinator:
                 if message is None:
                     break
                 self._handle(*message)
-        for member, why in self.members.gone(time.monotonic(), self.job_id):
+        for member, why in self.members.gone(time.monotonic()):
             self.shards.drop_member(member, why, lost=True)
         self.shards.check_deadlines(time.monotonic())
         if self.watchdog is not None:
@@ -107,12 +107,15 @@ class Coordinator:
         if kind == "status":
             return self.members.reply(peer, "status_reply", status=self.status())
         if kind == "hello":
-            return self._hello(peer)
+            return self._hello(peer, msg)
         if msg["job"] != self.job_id:
             self.members.drop("other job")
             return self.members.reply(peer, "rejoin")
         if kind == "ready":
             return self._ready(peer, msg)
+        if kind == "unable":  # a worker of a service's pool: here it has no other job to do
+            self.members.pending.pop(peer, None)
+            return self.members.reply(peer, "refuse", reason=msg["reason"])
         member = self.members.get(peer)
         if member is None:
             self.members.drop("unknown worker")
@@ -125,13 +128,13 @@ class Coordinator:
         elif kind in ("grads", "diverged"):
             self.shards.result(member, msg, frames)
 
-    def _hello(self, peer: bytes) -> None:
+    def _hello(self, peer: bytes, msg: dict) -> None:
         member = self.members.get(peer)
         if member is not None:  # a worker starting over: its tasks go elsewhere
             self.shards.drop_member(member, "rejoined")
-        self.members.hello(peer)
-        self.members.reply(peer, "job", job=self.job_id, config=self.job,
-                           heartbeat=self.members.heartbeat, timeout=self.members.timeout)
+        self.members.hello(peer, msg["host"], msg["cores"])
+        self.members.reply(peer, "job", job=self.job_id, config=self.job, fingerprint=self.fingerprint,
+                           heartbeat=self.members.heartbeat, timeout=self.members.timeout, pool=False)
 
     def _ready(self, peer: bytes, msg: dict) -> None:
         entry = self.members.pending.pop(peer, None)
@@ -143,7 +146,7 @@ class Coordinator:
                 f"this worker's data differs from the coordinator's (--data "
                 f"{self.cfg.data}: fingerprint {msg['fingerprint']} here, {self.fingerprint} there); "
                 f"give it the same file"))
-        member = self.members.admit(peer, entry[0], self.shards.step, self.job_id)
+        member = self.members.admit(peer, entry[0], self.shards.step, self.job_id, *entry[2:])
         self.shards.assign_unassigned(member)
 
     # --- steps ----------------------------------------------------------------------

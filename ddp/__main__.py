@@ -2,6 +2,7 @@
 import sys
 
 from .cli import run_train
+from .job_cli import run_job
 from .keygen import run_keygen
 from .predict import run_predict
 from .worker_cli import run_worker
@@ -10,6 +11,7 @@ COMMANDS = {
     "train": run_train,
     "coordinator": lambda argv: run_train(argv, prog="ddp-coordinator"),
     "worker": run_worker,
+    "job": run_job,
     "keygen": run_keygen,
     "predict": run_predict,
 }

@@ -18,7 +18,7 @@ import traceback
 from typing import NamedTuple
 
 from .command import INTERNAL_ERROR, console_script, print_error, write_result
-from .config import Config, build_parser, resolve
+from .config import Config, build_parser, load_toml, resolve
 from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, PeerError, UsageError,
                      missing_package)
 from .keygen import keygen_main, run_keygen
@@ -32,6 +32,8 @@ from .worker_cli import run_worker, worker_main
 
 __all__ = ["run_train", "train_main", "coordinator_main", "run_predict", "predict_main",
            "run_worker", "worker_main", "run_keygen", "keygen_main"]
+
+SERVICE_ONLY = ("state_dir", "max_running", "client_keys")  # ddp-coordinator's flags only
 
 TRAIN_DESCRIPTION = """\
 Train a multilayer perceptron with minibatch SGD, data-parallel over the ranks
@@ -74,6 +76,10 @@ def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train")
         cfg, error = _parse(argv, prog, speaks)
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
+    if cfg is not None and cfg.state_dir and error is None:
+        from ddp.coordinator.service import run_service
+
+        return run_service(cfg, prog)
     if cfg is not None and cfg.backend == "zmq":
         comm = LocalComm()
     if comm is None:
@@ -96,7 +102,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
     if serving:
         parser = build_parser(prog, COORDINATOR_DESCRIPTION, exclude=("backend",))
     else:
-        parser = build_parser(prog, TRAIN_DESCRIPTION)
+        parser = build_parser(prog, TRAIN_DESCRIPTION, exclude=SERVICE_ONLY)
     if not speaks:  # --help and --version text once, not once per rank
         parser.print_help = lambda file=None: None
     cfg = None
@@ -105,11 +111,26 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
         if serving:
             args.backend = "zmq"
         cfg = resolve(args)
+        if cfg.state_dir:
+            _check_service_flags(args)
         if cfg.backend == "zmq":
             _check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
         return cfg, e
     return cfg, None
+
+
+def _check_service_flags(args) -> None:
+    """The service takes its jobs from ddp-job submit: no training flags beside --state-dir."""
+    from .jobspec import JOB_KEYS
+
+    given = [k for k in JOB_KEYS if getattr(args, k, None) is not None]
+    if getattr(args, "config", None):
+        given += [k for k in load_toml(args.config) if k in JOB_KEYS]
+    if given:
+        raise UsageError(f"--state-dir starts the training service, which takes its jobs from "
+                         f"ddp-job submit: give --{given[0].replace('_', '-')} (and the other "
+                         f"training flags) to ddp-job submit, or drop --state-dir to run one job")
 
 
 def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:

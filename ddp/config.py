@@ -22,7 +22,7 @@ from .model import ACTIVATIONS, LOSSES
 from .validation import DTYPES, MAX_COUNT, MAX_LAYER, validate
 
 # validate and the limits live in ddp.validation; they are importable from here too
-__all__ = ["BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "Config",
+__all__ = ["add_config_flags", "BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "Config",
            "build_parser", "command_parser", "config_from_job", "job_config", "load_toml",
            "parse_layers", "resolve", "validate"]
 
@@ -117,6 +117,15 @@ class Config:
                                        "allowed to join", metavar="DIR", default=None)
     insecure: bool = _opt("zmq: allow a non-loopback --bind without CURVE keys (anyone who can "
                           "reach the port can join and read the model)", default=False)
+    # the training service (ddp-coordinator --state-dir, no training flags)
+    state_dir: str | None = _opt("ddp-coordinator: run the training service, keeping its queue and "
+                                 "every job's config, checkpoints, model, summary and record in "
+                                 "this directory (jobs come from ddp-job submit)", metavar="DIR",
+                                 default=None)
+    max_running: int = _opt("service: jobs that run at once, sharing the workers", default=1)
+    client_keys: str | None = _opt("service: directory of the public keys (*.key) of the clients "
+                                   "(ddp-job) allowed to submit and cancel jobs; with CURVE",
+                                   metavar="DIR", default=None)
     # observability
     metrics_port: int | None = _opt("serve Prometheus /metrics, /healthz, /status and a live dashboard "
                                     "on this port (MPI: rank 0; default: none for ddp-train, 9108 for "
@@ -261,6 +270,12 @@ def build_parser(prog: str, description: str, exclude: tuple[str, ...] = ()) -> 
     """Flags for every Config field but those in `exclude`."""
     p = command_parser(prog, description)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_config_flags(p, exclude)
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """--config and a flag for every Config field but those in `exclude`."""
     p.add_argument("--config", metavar="FILE.toml", help="read any of these options from a TOML file "
                    "(keys with underscores: batch_size = 64); flags override it")
     for f in fields(Config):
@@ -278,7 +293,6 @@ def build_parser(prog: str, description: str, exclude: tuple[str, ...] = ()) -> 
             p.add_argument(flag, dest=f.name, type=_flag_type(kind), default=None,
                            metavar=f.metadata["metavar"] or kind.upper(),
                            help=help_text + ("" if f.default is None else f" (default: {f.default})"))
-    return p
 
 
 def resolve(args: argparse.Namespace) -> Config:

@@ -63,5 +63,6 @@ def authorized(directory: str, flag: str = "--authorized-keys") -> set[bytes]:
             for name in sorted(os.listdir(directory)) if name.endswith(".key")}
     if not keys:
         raise UsageError(f"{flag} {directory}: holds no *.key public keys "
-                         f"(ddp-keygen DIR writes them to DIR/authorized)")
+                         f"(ddp-keygen DIR writes them to DIR/"
+                         f"{'clients' if flag == '--client-keys' else 'authorized'})")
     return keys

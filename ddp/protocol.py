@@ -11,16 +11,25 @@ presence, type and range (unknown fields are refused too), and an array frame is
 accepted only with the exact byte size the model needs. Nothing is ever unpickled.
 
 worker → coordinator
-    hello       {}                                  join: send me the job
+    hello       {host, cores}                       join: send me a job (host: an opaque id shared
+                                                    by the workers of one machine; cores: its cores)
     ready       {job, fingerprint}                  data loaded; its content fingerprint
+    unable      {job, reason}                       cannot take this job (data, memory): why
     grads       {job, step, task, n, loss, correct, seconds} + Σ gradients of the task's rows
                                                     (seconds: the time it took to compute)
     diverged    {job, step, task}                   the task's loss is NaN/Inf (no array)
-    heartbeat   {job}                               alive (sent while computing too)
+    heartbeat   {job}                               alive (sent while computing too; job "" when idle)
     bye         {job}                               leaving (Ctrl-C / SIGTERM on the worker)
     status      {}                                  any client: what is the coordinator doing?
+client → service
+    request     {op, args}                          a ddp-job command: submit, list, status, cancel, fetch
 coordinator → worker
-    job         {job, config, heartbeat, timeout}   the job: config keys that fix data and model
+    job         {job, config, fingerprint, heartbeat, timeout, pool}
+                                                    the job: config keys that fix data and model, and
+                                                    the data's fingerprint; pool: a service's worker,
+                                                    which stays (and says unable) when it cannot take it
+    idle        {heartbeat, timeout}                a service's worker with no job: wait
+    threads     {threads}                           BLAS threads for this worker's share of its host
     welcome     {job, step}                         data matches: a member from the next step on
     refuse      {reason}                            not admitted; the worker exits with the reason
     task        {job, step, task, lo, hi} + params  Σ gradients over rows [lo, hi) of step's batch
@@ -28,6 +37,9 @@ coordinator → worker
     rejoin      {}                                  unknown worker (e.g. coordinator restarted): hello again
     stop        {reason}                            training over or coordinator shutting down: exit
     status_reply {status}                           the reply to status
+service → client
+    reply       {result}                            + the file's bytes for fetch of a model (a "file" frame)
+    error       {reason, code}                      the request failed: one line, and the exit code
 """
 from __future__ import annotations
 
@@ -37,9 +49,10 @@ import math
 
 import numpy as np
 
-VERSION = 2
+VERSION = 3
 MAX_HEADER = 4096            # bytes: any header a worker sends is far smaller
 MAX_REPLY_HEADER = 1 << 20   # coordinator → worker headers (job config, status)
+MAX_REQUEST = 1 << 16        # a client's request (a submitted job's config)
 _MAX_INT = 1 << 53
 
 
@@ -47,31 +60,43 @@ class ProtocolError(ValueError):
     """A message that does not follow the protocol; `str()` says what was wrong."""
 
 
-# field kinds: "id" hex string, "int" non-negative integer, "float" finite number,
-# "str" short string, "dict" JSON object
+# field kinds: "id" hex string, "ref" an id or "", "int" non-negative integer, "float" finite
+# number, "str" short string, "bool" true or false, "dict" JSON object
 _SCHEMA = {
     # worker → coordinator
-    "hello": {},
+    "hello": {"host": "id", "cores": "int"},
     "ready": {"job": "id", "fingerprint": "id"},
+    "unable": {"job": "id", "reason": "str"},
     "grads": {"job": "id", "step": "int", "task": "int", "n": "int", "loss": "float", "correct": "int",
               "seconds": "float"},
     "diverged": {"job": "id", "step": "int", "task": "int"},
-    "heartbeat": {"job": "id"},
+    "heartbeat": {"job": "ref"},
     "bye": {"job": "id"},
     "status": {},
+    # client → service
+    "request": {"op": "str", "args": "dict"},
     # coordinator → worker
-    "job": {"job": "id", "config": "dict", "heartbeat": "float", "timeout": "float"},
+    "job": {"job": "id", "config": "dict", "fingerprint": "id", "heartbeat": "float",
+            "timeout": "float", "pool": "bool"},
+    "idle": {"heartbeat": "float", "timeout": "float"},
+    "threads": {"threads": "int"},
     "welcome": {"job": "id", "step": "int"},
     "refuse": {"reason": "str"},
     "task": {"job": "id", "step": "int", "task": "int", "lo": "int", "hi": "int"},
     "rejoin": {},
     "stop": {"reason": "str"},
     "status_reply": {"status": "dict"},
+    # service → client
+    "reply": {"result": "dict"},
+    "error": {"reason": "str", "code": "int"},
 }
 # which types carry an array frame
 ARRAY_TYPES = {"grads", "task"}
-FROM_WORKER = {"hello", "ready", "grads", "diverged", "heartbeat", "bye", "status"}
-FROM_COORDINATOR = {"job", "welcome", "refuse", "task", "heartbeat", "rejoin", "stop", "status_reply"}
+FROM_WORKER = {"hello", "ready", "unable", "grads", "diverged", "heartbeat", "bye", "status"}
+FROM_CLIENT = {"request", "status"}
+FROM_COORDINATOR = {"job", "idle", "threads", "welcome", "refuse", "task", "heartbeat", "rejoin", "stop",
+                    "status_reply"}
+TO_CLIENT = {"reply", "error"}
 
 
 def _no_constants(name: str):
@@ -83,8 +108,11 @@ def _check_field(name: str, kind: str, value) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INT
     elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    elif kind == "id":
-        ok = isinstance(value, str) and 0 < len(value) <= 64 and all(c in "0123456789abcdef" for c in value)
+    elif kind in ("id", "ref"):
+        ok = isinstance(value, str) and (0 < len(value) or kind == "ref") and len(value) <= 64 \
+            and all(c in "0123456789abcdef" for c in value)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
     elif kind == "str":
         ok = isinstance(value, str) and len(value) <= 4096
     else:

@@ -42,7 +42,6 @@ def prepare(cfg: Config) -> Setup:
     """Load and validate the data; resolve the layers. Raises DDPError on bad input."""
     data, layers = ddata.load(cfg.data, cfg)
     cfg = replace(cfg, layers=layers)
-    check_model_fits(layers, cfg.bias, np.dtype(cfg.dtype).itemsize, min(cfg.batch_size, len(data)))
     val = None
     if cfg.val_fraction > 0:
         data, val = ddata.split(data, cfg.val_fraction, cfg.seed)
@@ -51,5 +50,14 @@ def prepare(cfg: Config) -> Setup:
     mean = std = None
     if cfg.standardize:
         mean, std = ddata.standardization(data)
-    schedule = ddata.Schedule(len(data), cfg.batch_size, cfg.seed, cfg.shuffle)
-    return Setup(cfg, Layout(layers, cfg.bias), data, val, schedule, mean, std)
+    return assemble(cfg, data, val, mean, std)
+
+
+def assemble(cfg: Config, train: ddata.Dataset, val: ddata.Dataset | None,
+             mean: np.ndarray | None, std: np.ndarray | None) -> Setup:
+    """The Setup of `cfg` (layers resolved) over data already loaded and checked for it:
+    the memory check, the layout and the schedule."""
+    check_model_fits(cfg.layers, cfg.bias, np.dtype(cfg.dtype).itemsize,
+                     min(cfg.batch_size, max(len(train), 1)))
+    schedule = ddata.Schedule(len(train), cfg.batch_size, cfg.seed, cfg.shuffle)
+    return Setup(cfg, Layout(cfg.layers, cfg.bias), train, val, schedule, mean, std)

@@ -22,6 +22,26 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+def host_id() -> str:
+    """An opaque hex id shared by the processes of one machine (one kernel): its boot id,
+    else its host name, hashed. ZeroMQ workers send it, so the coordinator knows which of
+    them share a host's cores."""
+    import hashlib
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            ident = fh.read().strip()
+    except OSError:
+        ident = socket.gethostname().encode()
+    return hashlib.blake2b(ident, digest_size=8).hexdigest()
+
+
+def share_of_host(cores: int, processes: int) -> int:
+    """One process's BLAS threads when `processes` share `cores`: cores ÷ processes, at least 1."""
+    return max(1, cores // max(processes, 1))
+
+
 def _positive(text: str) -> int | None:
     """OMP_NUM_THREADS may be a list for nested levels ("4,2"): the first one counts."""
     try:
@@ -49,7 +69,7 @@ def choose_threads(threads: int | None, local_ranks: int, env: Mapping[str, str]
             return n, f"{var}={value}", ignored
         ignored.append(f"{var}={value!r} is not a positive number of threads; ignored")
     cores, ranks = host_cores(), max(local_ranks, 1)
-    return max(1, cores // ranks), f"{cores} cores ÷ {ranks} {noun}{'s' * (ranks != 1)} on this host", \
+    return share_of_host(cores, ranks), f"{cores} cores ÷ {ranks} {noun}{'s' * (ranks != 1)} on this host", \
         ignored
 
 

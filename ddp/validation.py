@@ -26,12 +26,13 @@ MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeo
 
 _MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
                                          "eval_every", "log_every", "checkpoint_every",
-                                         "min_workers")}
+                                         "min_workers", "max_running")}
 _MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
                worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
 
 # options that mean something only to the ZeroMQ backend (insecure, a bool, is checked apart)
-_ZMQ_ONLY = ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys")
+_ZMQ_ONLY = ("workers", "bind", "shard_timeout", "curve_secret", "authorized_keys", "state_dir",
+             "client_keys")
 
 
 def validate(cfg) -> None:
@@ -120,6 +121,11 @@ def _check_zmq(cfg) -> None:
           f"--shard-timeout must be a positive number of seconds, got {cfg.shard_timeout}")
     _need((cfg.curve_secret is None) == (cfg.authorized_keys is None),
           "--curve-secret and --authorized-keys go together (create them with ddp-keygen DIR)")
+    _need(cfg.max_running >= 1, f"--max-running must be a positive integer, got {cfg.max_running}")
+    _need(cfg.client_keys is None or cfg.curve_secret is not None,
+          "--client-keys needs CURVE: give --curve-secret and --authorized-keys too")
+    _need(cfg.client_keys is None or cfg.state_dir is not None,
+          "--client-keys applies to the training service only (with --state-dir)")
     if cfg.backend == "mpi":
         given = ([f for f in _ZMQ_ONLY if getattr(cfg, f) is not None]
                  + (["insecure"] if cfg.insecure else []))

@@ -35,7 +35,8 @@ def _parser():
     p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key (from ddp-keygen)")
     p.add_argument("--server-key", metavar="FILE", help="the coordinator's public key (coordinator.key)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="BLAS threads (default: the cores of this host)")
+                   help="BLAS threads (default: this worker's share of the host's cores: "
+                        "cores ÷ the workers the coordinator knows on this host)")
     p.add_argument("--retry-for", type=_positive_float, metavar="SECONDS",
                    help="give up (exit 5) when no coordinator answers for this long (default: never)")
     p.add_argument("--status", action="store_true",
@@ -63,9 +64,12 @@ def run_worker(argv: list[str] | None = None) -> int:
             print(json.dumps(query_status(args.connect, keys), indent=2, sort_keys=True), flush=True)
             return EXIT_OK
         log = Log(0, PROG, level="warning" if args.quiet else "info")
-        limit_threads(args.threads, 1, log.warn, noun="worker")
+        _, source = limit_threads(args.threads, 1, log.warn, noun="worker")
+        # the host's cores until the coordinator says how many workers share them, unless
+        # --threads or OMP_NUM_THREADS (or the like) fixed the count
+        pinned = source == "--threads" or "=" in source  # "--threads" or "OMP_NUM_THREADS=2"
         stop.install(deferred=True)  # the service's loop checks it at every turn
-        return WorkerService(args.connect, log, stop, keys, args.retry_for).run()
+        return WorkerService(args.connect, log, stop, keys, args.retry_for, pinned).run()
     except KeyboardInterrupt:
         return EXIT_SIGNAL_BASE + 2
     except BaseException as e:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ddp import protocol
-from ddp.protocol import (ARRAY_TYPES, FROM_COORDINATOR, FROM_WORKER, MAX_HEADER, MAX_REPLY_HEADER,
-                          VERSION, ProtocolError, array_from_frame, decode, encode, is_loopback,
+from ddp.protocol import (ARRAY_TYPES, FROM_CLIENT, FROM_COORDINATOR, FROM_WORKER, MAX_HEADER, MAX_REPLY_HEADER,
+                          TO_CLIENT, VERSION, ProtocolError, array_from_frame, decode, encode, is_loopback,
                           parse_endpoint)
 
 JOB = "0123456789abcdef"
@@ -17,22 +17,30 @@ FP = "606073614bcc8902af0a8d88ebdfe575"
 # one valid set of fields for every message type of the protocol
 VALID = {
     # worker -> coordinator
-    "hello": {},
+    "hello": {"host": "0123456789abcdef", "cores": 2},
     "ready": {"job": JOB, "fingerprint": FP},
+    "unable": {"job": JOB, "reason": "--data x.npz: no such file"},
     "grads": {"job": JOB, "step": 3, "task": 7, "n": 21, "loss": 12.5, "correct": 20, "seconds": 0.25},
     "diverged": {"job": JOB, "step": 3, "task": 7},
     "heartbeat": {"job": JOB},
     "bye": {"job": JOB},
     "status": {},
+    # client -> service
+    "request": {"op": "status", "args": {"id": "3"}},
     # coordinator -> worker
-    "job": {"job": JOB, "config": {"data": "spiral", "layers": [2, 64, 3]}, "heartbeat": 0.5,
-            "timeout": 3},
+    "job": {"job": JOB, "config": {"data": "spiral", "layers": [2, 64, 3]}, "fingerprint": FP,
+            "heartbeat": 0.5, "timeout": 3, "pool": True},
+    "idle": {"heartbeat": 0.5, "timeout": 3},
+    "threads": {"threads": 1},
     "welcome": {"job": JOB, "step": 0},
     "refuse": {"reason": "your data differs"},
     "task": {"job": JOB, "step": 0, "task": 1, "lo": 0, "hi": 32},
     "rejoin": {},
     "stop": {"reason": "training finished"},
     "status_reply": {"status": {"state": "training", "workers": []}},
+    # service -> client
+    "reply": {"result": {"id": "3"}},
+    "error": {"reason": "no job 9", "code": 2},
 }
 WORKER_ONLY = sorted(FROM_WORKER - FROM_COORDINATOR)
 COORDINATOR_ONLY = sorted(FROM_COORDINATOR - FROM_WORKER)
@@ -50,7 +58,10 @@ def header(type_, **fields) -> bytes:
 
 
 def allowed_for(type_):
-    return FROM_WORKER if type_ in FROM_WORKER else FROM_COORDINATOR
+    for side in (FROM_WORKER, FROM_CLIENT, TO_CLIENT):
+        if type_ in side:
+            return side
+    return FROM_COORDINATOR
 
 
 def rejects(frame, allowed=FROM_WORKER, max_size=MAX_HEADER, match=None):
@@ -61,7 +72,7 @@ def rejects(frame, allowed=FROM_WORKER, max_size=MAX_HEADER, match=None):
 
 
 def test_the_table_covers_every_type():
-    assert set(VALID) == FROM_WORKER | FROM_COORDINATOR
+    assert set(VALID) == FROM_WORKER | FROM_COORDINATOR | FROM_CLIENT | TO_CLIENT
     assert ARRAY_TYPES == {"grads", "task"}
     assert "heartbeat" in FROM_WORKER and "heartbeat" in FROM_COORDINATOR
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 from helpers import MPIRUN, PY, alive, descendants, one_error_line, read_json, run, train
-from zmq_helpers import (SMALL, ipc, max_param_diff, ordered_sum, procs,  # noqa: F401, F811
+from zmq_helpers import (HELLO, SMALL, ipc, max_param_diff, ordered_sum, procs,  # noqa: F401, F811
                          served)  # (procs, served: fixtures)
 
 ATOL = 1e-10
@@ -264,7 +264,7 @@ def test_worker_joins_mid_run(served):
 
     def join_then_answer():
         if first.tasks[-1]["step"] == 1 and not hello:  # once: the reply may take a few polls
-            hello.append(second.say("hello"))
+            hello.append(second.say("hello", **HELLO))
         elif second.got("welcome") and first.answering is False:
             first.answering = True
             first.grads(first.tasks[-1])
@@ -295,7 +295,7 @@ def test_worker_leaves_cleanly_and_its_rows_go_elsewhere(served):
             b.beating = False
         if any(line.startswith("waiting for 2 workers (1 connected)") for line in s.lines) \
                 and not hello:  # once: the reply may take a few polls
-            hello.append(late.say("hello"))
+            hello.append(late.say("hello", **HELLO))
 
     s.during_poll = leave_then_rejoin
     grad, _ = s.run_step(0)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ddp.monitor import Monitor, prometheus
 from inproc import train_here
-from zmq_helpers import ordered_sum, served  # noqa: F401 (fixture)
+from zmq_helpers import HELLO, ordered_sum, served  # noqa: F401 (fixture)
 
 
 def metric(monitor: Monitor, name: str) -> float:
@@ -42,7 +42,7 @@ def test_a_peer_that_holds_its_shard_is_timed_out_and_dropped(served):
             staller.late = True
         if any(line.startswith("waiting for 2 workers (1 connected)") for line in s.lines) \
                 and not hello:  # once: the reply may take a few polls
-            hello.append(newcomer.say("hello"))
+            hello.append(newcomer.say("hello", **HELLO))
 
     s.during_poll = late_answer_then_a_newcomer
     for step in range(4):

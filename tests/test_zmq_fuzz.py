@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from helpers import read_json, rss_mb, train
 from ddp import protocol
 from ddp.model import Layout
-from zmq_helpers import SMALL, ipc, max_param_diff, procs, served  # noqa: F401, F811 (fixtures)
+from zmq_helpers import HELLO, SMALL, ipc, max_param_diff, procs, served  # noqa: F401, F811 (fixtures)
 
 STEPS = 1000
 ARGS = [*SMALL, "--steps", str(STEPS), "--log-every", "1"]
@@ -345,7 +345,7 @@ def ban_fuzzer(sockets: Sockets, job: str, stats: Stats, seed: int, errors: list
             s.send_multipart(junk.strike())
             stats.add(21, 20)
             # from now on nothing is answered, not even a valid hello or status
-            later = [[protocol.encode("status")], [protocol.encode("hello")],
+            later = [[protocol.encode("status")], [protocol.encode("hello", **HELLO)],
                      [protocol.encode("heartbeat", job=job)],
                      [protocol.encode("ready", job=job, fingerprint=hexid(rng, 32))]]
             later += [junk.strike() for _ in range(20)] + [junk.no_strike() for _ in range(10)]
@@ -433,7 +433,7 @@ class Member:
         self.strikes += strike
 
     def handshake(self, s, fingerprint: str | None = None) -> bool:
-        s.send(protocol.encode("hello"))
+        s.send(protocol.encode("hello", **HELLO))
         self.stats.add(1)
         got = wait_for_type(s, "job", 10)
         assert got is not None, "no job in answer to hello"
@@ -524,7 +524,7 @@ class Member:
         while (got := recv_msg(s, deadline - time.monotonic())) is not None:
             # only a heartbeat sent just before the ban took effect may still come
             assert got[0]["type"] == "heartbeat", f"a banned member got {got[0]}"
-        for frames in ([protocol.encode("heartbeat", job=self.job)], [protocol.encode("hello")],
+        for frames in ([protocol.encode("heartbeat", job=self.job)], [protocol.encode("hello", **HELLO)],
                        [protocol.encode("status")]):
             self.send(s, frames, counted=True)
 
@@ -566,7 +566,7 @@ class Member:
             self.sync(s)
         elif ending == "rehello":
             # hello again while holding the task: dropped and admitted again (same routing id)
-            s.send(protocol.encode("hello"))
+            s.send(protocol.encode("hello", **HELLO))
             self.stats.add(1)
             assert wait_for_type(s, "job", 10) is not None
             s.send(protocol.encode("ready", job=self.job,

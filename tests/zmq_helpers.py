@@ -17,6 +17,7 @@ from helpers import PY, _env, kill_tree, unstamped
 from ddp import protocol
 
 # a model big enough that a run lasts a while, small enough for 2 cores
+HELLO = {"host": "0123456789abcdef", "cores": 2}   # a hello's fields: the worker's host and cores
 SMALL = ["--dtype", "float64", "--layers", "2,256,256,3", "--batch-size", "64", "--lr", "0.05",
          "--momentum", "0.9"]
 
@@ -202,7 +203,7 @@ class Peer:
             elif msg["type"] == "rejoin" and self.member:  # as a worker does: hello again
                 self.member = False
                 if self.rejoining:
-                    self.say("hello")
+                    self.say("hello", **HELLO)
             elif msg["type"] == "task":
                 assert len(frames[1]) == self.served.coord.P * 8
                 self.tasks.append(msg)
@@ -217,7 +218,7 @@ class Peer:
     def join(self, fingerprint: str | None = None) -> None:
         """hello, job, ready, welcome (or refuse, with another fingerprint)."""
         self.fingerprint = fingerprint or self.served.coord.fingerprint
-        self.say("hello")
+        self.say("hello", **HELLO)
         want = "refuse" if fingerprint else "welcome"
         self.served.poll_until(lambda: self.got(want), f"no {want} after hello and ready")
 

@@ -10,26 +10,69 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import zmq
+from threadpoolctl import threadpool_limits
 
 from ddp import data as ddata
 from ddp import protocol
 from ddp.config import config_from_job
 from ddp.model import quiet_float_warnings
-from ddp.setup import prepare
+from ddp.setup import assemble, prepare
 
 from .compute import ShardCompute
 
 CHUNK_ROWS = 4096       # rows per forward/backward pass; larger shards are summed in chunks
+CACHED_DATASETS = 3     # data sets a worker keeps for the next jobs on the same data
+# the job keys that decide which rows are loaded and how (the others: model and schedule)
+LOAD_KEYS = ("data", "samples", "val_fraction", "standardize", "seed", "loss", "dtype")
+
+
+class DataCache:
+    """The last few training sets this worker loaded, by the coordinator's fingerprint of
+    them and the keys that load them: a job on the same data does not load it again,
+    and a file that changed since (another fingerprint) is loaded anew."""
+
+    def __init__(self, size: int = CACHED_DATASETS):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()  # key → (train, mean, std, fingerprint)
+
+    @staticmethod
+    def key(fingerprint: str, cfg) -> tuple:
+        return (fingerprint, *(getattr(cfg, k) for k in LOAD_KEYS), cfg.layers[0], cfg.layers[-1])
+
+    def get(self, key: tuple):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple, setup) -> None:
+        self.entries[key] = (setup.train, setup.mean, setup.std, setup.fingerprint())
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
 class Job:
-    """The data and model of one job, loaded once; kept across reconnects."""
+    """The data and model of one job, loaded once (or taken from `cache`); kept across
+    reconnects."""
 
-    def __init__(self, description: dict):
-        setup = prepare(config_from_job(description))
+    def __init__(self, description: dict, cache: DataCache | None = None, fingerprint: str = ""):
+        cfg = config_from_job(description)
+        key = DataCache.key(fingerprint, cfg) if cache is not None and cfg.layers else None
+        cached = cache.get(key) if key is not None else None
+        self.reused = cached is not None
+        if cached is not None:
+            train, mean, std, known = cached
+            setup = assemble(cfg, train, None, mean, std)
+            setup._fingerprint = known
+        else:
+            setup = prepare(cfg)
+            if key is not None:
+                cache.put(key, setup)
         self.description, self.cfg, self.layout = description, setup.cfg, setup.layout
         self.dtype = np.dtype(setup.cfg.dtype)
         self.schedule = setup.schedule
@@ -40,6 +83,8 @@ class Job:
         self.compute = ShardCompute(self.layout, setup.cfg.activation, setup.cfg.loss, self.dtype,
                                     self.max_rows)
         self.fingerprint = setup.fingerprint()
+        self.buffers = GradBuffers(self.layout.size, self.dtype)
+        self.scratch = np.empty(self.layout.size, self.dtype)
 
 
 class GradBuffers:
@@ -65,7 +110,8 @@ class GradBuffers:
 class ComputeThread(threading.Thread):
     """Σ gradients over rows [lo, hi) of a step's batch, one task after another.
 
-    Tasks are (generation, task message, parameters); each result is (generation,
+    Tasks are (generation, task message, parameters, job), or ("threads", n) to change
+    the BLAS threads between two tasks; each result is (generation,
     message, loss sum, correct count, buffer entry, seconds). `wake` is the caller's
     end of an inproc pair, bound here in the caller's thread: it is readable when a
     result is ready, so the caller polls it beside its other sockets.
@@ -79,22 +125,24 @@ class ComputeThread(threading.Thread):
         self.wake.bind(self.wake_endpoint)
         self.tasks: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
-        self.job: Job | None = None
-        self.buffers: GradBuffers | None = None
-        self.scratch = None
-
-    def set_job(self, job: Job) -> None:
-        self.job = job
-        self.buffers = GradBuffers(job.layout.size, job.dtype)
-        self.scratch = np.empty(job.layout.size, job.dtype)
 
     def drop_tasks(self) -> None:
-        """Forget the tasks not started yet (they were for an earlier connection)."""
+        """Forget the tasks not started yet (they were for an earlier connection or job);
+        a change of threads still waiting is kept."""
+        kept = []
         while not self.tasks.empty():
             try:
-                self.tasks.get_nowait()
+                item = self.tasks.get_nowait()
             except queue.Empty:
                 break
+            if item is not None and item[0] == "threads":
+                kept.append(item)
+        for item in kept:
+            self.tasks.put(item)
+
+    def set_threads(self, n: int) -> None:
+        """Use `n` BLAS threads from the next task on."""
+        self.tasks.put(("threads", n))
 
     def finished(self):
         """The results ready since the last call, oldest first (called in the polling thread)."""
@@ -124,19 +172,22 @@ class ComputeThread(threading.Thread):
                 item = self.tasks.get()
                 if item is None:
                     return
-                generation, msg, params = item
+                if item[0] == "threads":  # between tasks: the BLAS library is not in use
+                    threadpool_limits(limits=item[1])
+                    continue
+                generation, msg, params, job = item
                 started = time.perf_counter()
-                loss, correct, entry = self._compute(msg, params)
+                loss, correct, entry = self._compute(job, msg, params)
                 self.results.put((generation, msg, loss, correct, entry, time.perf_counter() - started))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
 
-    def _compute(self, msg: dict, params: np.ndarray):
-        job, step, lo, hi = self.job, msg["step"], msg["lo"], msg["hi"]
+    def _compute(self, job: Job, msg: dict, params: np.ndarray):
+        step, lo, hi = msg["step"], msg["lo"], msg["hi"]
         views = job.layout.views(params)
-        entry = self.buffers.take()
-        grad, scratch = entry[0], self.scratch
+        entry = job.buffers.take()
+        grad, scratch = entry[0], job.scratch
         loss, correct = 0.0, 0
         for a in range(lo, hi, job.max_rows):
             b = min(a + job.max_rows, hi)

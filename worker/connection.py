@@ -133,8 +133,10 @@ class Connection:
                 raise UsageError(message)
 
 
-def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
-    """Ask a coordinator what it is doing (`ddp-worker --status`)."""
+def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0) -> list[bytes]:
+    """Send one message to a coordinator and return the frames of its answer (a client's
+    round trip: `ddp-worker --status`, `ddp-job`). Unreachable when nothing answers within
+    `timeout` seconds; UsageError when the CURVE handshake says why it never will."""
     check_endpoint(endpoint)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -145,7 +147,7 @@ def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
         from zmq.utils.monitor import recv_monitor_message
 
         sock.connect(endpoint)
-        sock.send(protocol.encode("status"))
+        sock.send(header)
         deadline, failures = time.monotonic() + timeout, 0
         while not sock.poll(50):
             while monitor.poll(0):
@@ -156,14 +158,19 @@ def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
                     raise UsageError(message)
             if time.monotonic() > deadline:
                 raise Unreachable(f"no answer from a coordinator at {endpoint} within {timeout:g} s")
-        frames = sock.recv_multipart()
-        try:
-            msg = protocol.decode(frames[0], {"status_reply"}, protocol.MAX_REPLY_HEADER)
-        except ProtocolError as e:
-            raise Unreachable(f"{endpoint} did not answer like a ddp-train coordinator ({e})")
-        return msg["status"]
+        return sock.recv_multipart()
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)
         sock.close()
         ctx.term()
+
+
+def query_status(endpoint: str, keys=None, timeout: float = 5.0) -> dict:
+    """Ask a coordinator what it is doing (`ddp-worker --status`)."""
+    frames = ask(endpoint, protocol.encode("status"), keys, timeout)
+    try:
+        msg = protocol.decode(frames[0], {"status_reply"}, protocol.MAX_REPLY_HEADER)
+    except ProtocolError as e:
+        raise Unreachable(f"{endpoint} did not answer like a ddp-train coordinator ({e})")
+    return msg["status"]

@@ -23,8 +23,9 @@ from ddp.errors import DDPError, EXIT_OK, EXIT_SIGNAL_BASE, UsageError
 from ddp.log import Log
 from ddp.protocol import ProtocolError
 from ddp.signals import StopRequest
+from ddp.threads import host_cores, host_id
 
-from .compute_thread import Job, ComputeThread
+from .compute_thread import ComputeThread, DataCache, Job
 from .connection import Connection, Unreachable, check_endpoint, load_keys, query_status
 
 # what was defined here before the split, for the callers that import it from here
@@ -36,15 +37,20 @@ HELLO_EVERY = 2.0       # seconds between hellos while no coordinator answers
 class WorkerService:
     """One worker's life: hello, job, ready, member; again after every reconnect.
 
-    `state` is "hello" (asking for the job), "ready" (job loaded, fingerprint
-    sent) or "member" (welcomed: tasks are computed). `generation` counts
-    memberships, so a result computed for an earlier one is not sent.
+    `state` is "hello" (asking for a job), "idle" (a service's worker with no job),
+    "ready" (job loaded, fingerprint sent) or "member" (welcomed: tasks are computed).
+    A service moves its workers from job to job: a new job message, or idle, may come
+    in any state but hello. `generation` counts memberships, so a result computed for
+    an earlier one is not sent. `pinned`: the BLAS threads were fixed by --threads or
+    the environment, so the coordinator's share of the host is not applied.
     """
 
     def __init__(self, endpoint: str, log: Log, stop: StopRequest, keys=None,
-                 retry_for: float | None = None):
+                 retry_for: float | None = None, pinned: bool = True):
         check_endpoint(endpoint)
-        self.log, self.stop, self.retry_for = log, stop, retry_for
+        self.log, self.stop, self.retry_for, self.pinned = log, stop, retry_for, pinned
+        self.cache = DataCache()
+        self.pooled = False       # the coordinator is a service: stay when a job cannot be taken
         self.ctx = zmq.Context()
         self.compute = ComputeThread(self.ctx)
         self.compute.start()
@@ -112,14 +118,14 @@ class WorkerService:
         if now - self.last_heard > self.timeout:
             self.log.info(f"coordinator silent for {now - self.last_heard:.1f} s; reconnecting")
             self._connect()
-        elif now - self.conn.last_sent > self.heartbeat and self.job_id:
-            self.conn.send(protocol.encode("heartbeat", job=self.job_id))
+        elif now - self.conn.last_sent > self.heartbeat:
+            self.conn.send(protocol.encode("heartbeat", job=self.job_id or ""))
 
     def _hello(self, now: float) -> None:
         """Ask for the job every HELLO_EVERY s; give up after --retry-for without an answer."""
         if now - self.last_hello > HELLO_EVERY:
             self.last_hello = now
-            self.conn.send(protocol.encode("hello"))
+            self.conn.send(protocol.encode("hello", host=host_id(), cores=host_cores()))
         silent = now - self.contact
         if self.retry_for is not None and silent > self.retry_for:
             raise Unreachable(f"no answer from a coordinator at {self.endpoint} for "
@@ -170,15 +176,23 @@ class WorkerService:
     def _on_message(self, msg: dict, frames: list) -> int | None:
         kind = msg["type"]
         if kind == "job":
-            if self.state == "hello":
+            if self.state == "hello" or (msg["pool"] and msg["job"] != self.job_id):
                 self._take_job(msg)
+        elif kind == "idle":
+            if self.state != "idle":
+                self._idle(msg)
+        elif kind == "threads":
+            if not self.pinned:
+                self.compute.set_threads(msg["threads"])
         elif kind == "welcome":
             if self.state == "ready" and msg["job"] == self.job_id:
                 self.state = "member"
                 self.log.info(f"joined job {self.job_id} at step {msg['step']} "
                               f"({self.job.n_samples} training samples)")
         elif kind == "refuse":
-            raise UsageError(f"the coordinator refused this worker: {msg['reason']}")
+            if not self.pooled:
+                raise UsageError(f"the coordinator refused this worker: {msg['reason']}")
+            self.log.warn(f"not taking part in job {self.job_id}: {msg['reason']}")
         elif kind == "rejoin":
             if self.state != "hello":
                 self.log.info("the coordinator does not know this worker (restarted?); joining again")
@@ -191,17 +205,39 @@ class WorkerService:
             self._take_task(msg, frames[1])
         return None
 
+    def _idle(self, msg: dict) -> None:
+        """A service's worker with no job: wait (heartbeats keep the connection)."""
+        if self.state != "hello":
+            self.log.info("no job for this worker; waiting")
+        self.heartbeat, self.timeout = msg["heartbeat"], msg["timeout"]
+        self.pooled = True
+        self.state, self.job_id = "idle", None
+        self.generation += 1  # what was computed for the last job is not sent
+        self.compute.drop_tasks()
+        self.last_heard = time.monotonic()
+
     def _take_job(self, msg: dict) -> None:
         self.heartbeat, self.timeout = msg["heartbeat"], msg["timeout"]
+        self.pooled = msg["pool"]
+        if self.state in ("ready", "member"):  # moved to another job by the service
+            self.generation += 1
+            self.compute.drop_tasks()
+        self.job_id = msg["job"]
+        self.last_heard = time.monotonic()
         if self.job is None or self.job.description != msg["config"]:
             self.log.info(f"loading the data of job {msg['job']} ({msg['config'].get('data')!r})")
             try:
-                job = Job(msg["config"])
+                job = Job(msg["config"], self.cache, msg["fingerprint"])
             except DDPError as e:
-                raise type(e)(f"cannot take the coordinator's job: {e}")
+                if not self.pooled:
+                    raise type(e)(f"cannot take the coordinator's job: {e}")
+                self.log.warn(f"cannot take job {msg['job']}: {e}")
+                self.conn.send(protocol.encode("unable", job=msg["job"], reason=str(e)[:4000]))
+                self.state, self.job_id = "idle", None
+                return
+            if job.reused:
+                self.log.info(f"job {msg['job']}: its data is already loaded")
             self.job = job
-            self.compute.set_job(job)
-        self.job_id = msg["job"]
         self.state = "ready"
         self.last_heard = time.monotonic()
         self.conn.send(protocol.encode("ready", job=self.job_id, fingerprint=self.job.fingerprint))
@@ -217,7 +253,7 @@ class WorkerService:
         except ProtocolError as e:
             self.log.warn(f"ignoring an invalid task from the coordinator ({e})")
             return
-        self.compute.tasks.put((self.generation, msg, params))
+        self.compute.tasks.put((self.generation, msg, params, job))
 
     def _leave(self) -> int:
         if self.state == "member" and self.job_id:
