@@ -36,19 +36,6 @@ SBATCH = DEPLOY / "slurm" / "ddp-train.sbatch"
 SYSTEMD = DEPLOY / "systemd"
 K8S = DEPLOY / "k8s"
 
-# --- the training service: what ddp-coordinator is given when it runs as the service (a job's
-# training flags go to `ddp-job submit`, never to the service)
-SERVICE_FLAGS = {"--bind", "--state-dir", "--max-running", "--curve-secret", "--authorized-keys",
-                 "--client-keys", "--metrics-port", "--metrics-addr", "--insecure",
-                 "--worker-timeout"}
-# ddp-coordinator's parser gains these with the service itself (coordinator/service*.py and
-# ddp/job_cli.py); while ddp-job is not in this tree, the deploy files that already use them are
-# held to every other flag, and the run of the units waits for the service
-NEW_SERVICE_FLAGS = ("--state-dir", "--max-running", "--client-keys")
-SERVICE_IN_TREE = (ROOT / "ddp" / "job_cli.py").is_file()
-# The deploy files show ddp-job in comments only (its flags are checked by its own tests):
-#   ddp-job submit|list|status|wait|cancel|fetch --connect E [--curve-secret F --server-key F]
-
 # --- the metrics of the observability spec (ddp/monitor/ exports them)
 GAUGES = {
     "ddp_train_loss", "ddp_train_accuracy", "ddp_val_loss", "ddp_val_accuracy",
@@ -420,6 +407,20 @@ def command_errors(tokens: list[str], found: list[str]) -> list[str]:
         errors += argument_errors(name, tokens[i:end])
         i = end
     return errors
+
+
+# The training service: what ddp-coordinator is given when it runs as the service (a job's
+# training flags go to `ddp-job submit`, never to the service)
+SERVICE_FLAGS = {"--bind", "--state-dir", "--max-running", "--curve-secret", "--authorized-keys",
+                 "--client-keys", "--metrics-port", "--metrics-addr", "--insecure",
+                 "--worker-timeout"}
+# ddp-coordinator's parser gains these with the service itself (coordinator/service*.py and
+# ddp/job_cli.py); while ddp-job is not in this tree, the deploy files that already use them are
+# held to every other flag, and the run of the units waits for the service
+NEW_SERVICE_FLAGS = ("--state-dir", "--max-running", "--client-keys")
+SERVICE_IN_TREE = (ROOT / "ddp" / "job_cli.py").is_file()
+# The deploy files show ddp-job in comments only (its parser comes with the service):
+#   ddp-job submit|list|status|wait|cancel|fetch --connect E [--curve-secret F --server-key F]
 
 
 def known_errors(errors: list[str]) -> list[str]:
