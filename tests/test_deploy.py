@@ -2,8 +2,12 @@
 project exports, every ddp-* command they run exists and gets only flags of its --help, and the
 pieces that refer to each other (ports, service names, mounts, datasource uid) agree.
 
+The compose file, zmq.yaml and the systemd units run the training service: ddp-coordinator with
+its service flags only, its --state-dir on a volume that outlives it, workers that stay.
+
 Fast and offline (loopback only). Two real runs: the Slurm script with a stand-in for srun that
-starts mpirun -n 2, and the systemd units' ExecStart lines (coordinator + 2 workers, CURVE)."""
+starts mpirun -n 2, and the systemd units' ExecStart lines (the service + 2 workers, CURVE, a job
+submitted with a client key)."""
 from __future__ import annotations
 
 import functools
@@ -13,11 +17,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import BIN, MPIRUN, PY, free_port, read_json, run
+from helpers import BIN, MPIRUN, PY, free_port, load_model, one_error_line, read_json, run
 from inproc import call
 from zmq_helpers import Proc
 
@@ -385,19 +390,54 @@ def argument_errors(command: str, args: list[str]) -> list[str]:
 
 def command_errors(tokens: list[str], found: list[str]) -> list[str]:
     """Check each ddp-* command in a token list (up to the next shell operator); append the
-    commands seen to `found`."""
-    errors = []
-    for i, token in enumerate(tokens):
-        name = os.path.basename(token)
+    commands seen to `found`. A command's arguments are not searched for commands (a path
+    such as /var/lib/ddp-train is a value)."""
+    errors, i = [], 0
+    while i < len(tokens):
+        name = os.path.basename(tokens[i])
+        i += 1
         if not re.fullmatch(r"ddp-[a-z]+", name):
             continue
         found.append(name)
         if name not in SCRIPTS:
             errors.append(f"{name} is not a command of pyproject.toml [project.scripts]")
             continue
-        end = next((j for j in range(i + 1, len(tokens)) if tokens[j] in SHELL_OPERATORS),
+        end = next((j for j in range(i, len(tokens)) if tokens[j] in SHELL_OPERATORS),
                    len(tokens))
-        errors += argument_errors(name, tokens[i + 1:end])
+        errors += argument_errors(name, tokens[i:end])
+        i = end
+    return errors
+
+
+# The training service: what ddp-coordinator is given when it runs as the service (a job's
+# training flags go to `ddp-job submit`, never to the service)
+SERVICE_FLAGS = {"--bind", "--state-dir", "--max-running", "--curve-secret", "--authorized-keys",
+                 "--client-keys", "--metrics-port", "--metrics-addr", "--insecure",
+                 "--worker-timeout"}
+# ddp-coordinator's parser gains these with the service itself (coordinator/service*.py and
+# ddp/job_cli.py); while ddp-job is not in this tree, the deploy files that already use them are
+# held to every other flag, and the run of the units waits for the service
+NEW_SERVICE_FLAGS = ("--state-dir", "--max-running", "--client-keys")
+SERVICE_IN_TREE = (ROOT / "ddp" / "job_cli.py").is_file()
+# The deploy files show ddp-job in comments only (its parser comes with the service):
+#   ddp-job submit|list|status|wait|cancel|fetch --connect E [--curve-secret F --server-key F]
+
+
+def known_errors(errors: list[str]) -> list[str]:
+    """`errors`, less the service flags' own while the service is not in this tree."""
+    if SERVICE_IN_TREE:
+        return errors
+    pending = {f"ddp-coordinator has no option {flag}" for flag in NEW_SERVICE_FLAGS}
+    return [e for e in errors if e not in pending]
+
+
+def service_form_errors(words: list[str]) -> list[str]:
+    """What keeps ddp-coordinator WORDS from being the service: a training flag (that would
+    be a one-job coordinator), or no --state-dir."""
+    flags = {w.partition("=")[0] for w in words[1:] if w.startswith("--")}
+    errors = [f"{flag} is not a flag of the service" for flag in sorted(flags - SERVICE_FLAGS)]
+    if option_value(words, "--state-dir") is None:
+        errors.append("no --state-dir")
     return errors
 
 
@@ -443,6 +483,16 @@ def test_help_parsing():
     assert options("ddp-keygen")[1]
 
 
+def test_service_checks_can_fail():
+    service = shell_words("ddp-coordinator --bind tcp://0.0.0.0:5555 --insecure --state-dir /s")
+    assert service_form_errors(service) == []
+    assert service_form_errors(service + ["--data", "digits"]) == [
+        "--data is not a flag of the service"]
+    assert service_form_errors(service[:-2]) == ["no --state-dir"]
+    misspelt = shell_words("ddp-coordinator --state-dir /s --max-runing 2")
+    assert len(known_errors(command_errors(misspelt, []))) == 1
+
+
 def test_command_check_can_fail():
     ok = shell_words("srun --cpu-bind=cores ddp-train --data digits --metrics-port 9108 --no-bias")
     assert command_errors(ok, []) == []
@@ -456,6 +506,9 @@ def test_command_check_can_fail():
     assert command_errors(shell_words("mpirun -n 2 ddp-train --steps 5; ddp-predict --model m.npz "
                                       "--data digits"), found) == []
     assert found == ["ddp-train", "ddp-predict"]
+    found = []
+    assert command_errors(shell_words("ddp-train --checkpoint-dir /var/lib/ddp-train"), found) == []
+    assert found == ["ddp-train"]
     # an option in a variable of a script is held to the script's command too
     assert len(shell_script_errors('ARGS="--data digits --stepz 3"\nddp-train $ARGS\n', [])) == 1
 
@@ -489,15 +542,16 @@ def unit_value(unit: dict, section: str, key: str) -> str | None:
     return values[-1] if values else None
 
 
-@pytest.mark.parametrize("name, command", [("ddp-coordinator.service", "ddp-coordinator"),
-                                           ("ddp-worker@.service", "ddp-worker")])
-def test_systemd_units(name, command):
+@pytest.mark.parametrize("name, command, restart", [
+    ("ddp-coordinator.service", "ddp-coordinator", "on-failure"),   # exits only when stopped
+    ("ddp-worker@.service", "ddp-worker", "always")])                # workers stay
+def test_systemd_units(name, command, restart):
     unit = systemd_unit(SYSTEMD / name)
     found = []
     exec_start = unit_value(unit, "Service", "ExecStart")
-    assert exec_start and command_errors(shell_words(exec_start), found) == []
+    assert exec_start and known_errors(command_errors(shell_words(exec_start), found)) == []
     assert found == [command]
-    assert unit_value(unit, "Service", "Restart") == "on-failure"
+    assert unit_value(unit, "Service", "Restart") == restart
     assert unit_value(unit, "Service", "User") not in (None, "", "root", "0")
     assert unit_value(unit, "Service", "WorkingDirectory").startswith("/")
     # stopped by SIGTERM (143) is no failure; bad input (2) does not heal by restarting
@@ -507,6 +561,28 @@ def test_systemd_units(name, command):
     if name.endswith("@.service"):
         assert "%i" in exec_start          # the instance picks the worker's key
         assert "--retry-for" not in exec_start   # it reconnects for ever: no exit 5 restart loop
+
+
+def test_systemd_service_form():
+    """The coordinator unit runs the service: its state in the unit's StateDirectory, the three
+    kinds of keys under /etc/ddp-train/keys, SIGTERM to stop it."""
+    unit = systemd_unit(SYSTEMD / "ddp-coordinator.service")
+    words = shell_words(unit_value(unit, "Service", "ExecStart"))
+    assert service_form_errors(words) == []
+    state = unit_value(unit, "Service", "StateDirectory")
+    assert option_value(words, "--state-dir") == f"/var/lib/{state}"
+    assert unit_value(unit, "Service", "KillSignal") == "SIGTERM"
+    keys = {flag: option_value(words, flag)
+            for flag in ("--curve-secret", "--authorized-keys", "--client-keys")}
+    assert keys == {"--curve-secret": "/etc/ddp-train/keys/coordinator.key_secret",
+                    "--authorized-keys": "/etc/ddp-train/keys/authorized",
+                    "--client-keys": "/etc/ddp-train/keys/clients"}
+    worker = shell_words(unit_value(systemd_unit(SYSTEMD / "ddp-worker@.service"), "Service",
+                                    "ExecStart"))
+    assert option_value(worker, "--server-key") == "/etc/ddp-train/keys/coordinator.key"
+    assert option_value(worker, "--curve-secret").startswith("/etc/ddp-train/keys/")
+    # the workers size their threads to their share of the host unless told otherwise
+    assert "--threads" not in worker
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -554,7 +630,7 @@ def test_compose():
     assert {"coordinator", "worker", "prometheus", "grafana"} <= set(services)
     found = []
     for service in services.values():
-        assert command_errors(compose_command(service), found) == []
+        assert known_errors(command_errors(compose_command(service), found)) == []
     assert sorted(found) == ["ddp-coordinator", "ddp-worker"]
 
     coordinator, worker = services["coordinator"], services["worker"]
@@ -580,10 +656,32 @@ def test_compose():
     assert scrape_targets(config)["ddp-train"] == [f"coordinator:{metrics_port}"]
     assert scrape_targets(config)["pushgateway"] == ["pushgateway:9091"]
     assert "pushgateway" in services
-    assert option_value(coord_words, "--pushgateway") == "http://pushgateway:9091"
     for service in services.values():
         for _, host_path in compose_mounts(service):
             assert host_path.exists(), host_path
+
+
+def compose_volumes(service: dict) -> dict[str, str]:
+    """{container path: named volume} of the service's named-volume mounts."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith((".", "/")):
+            out[target] = source
+    return out
+
+
+def test_compose_service_form():
+    """The coordinator runs the service with its state on a named volume (kept by `docker
+    compose down` without -v); it and the workers are restarted until stopped."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    coordinator, worker = compose["services"]["coordinator"], compose["services"]["worker"]
+    words = compose_command(coordinator)
+    assert service_form_errors(words) == []
+    volume = compose_volumes(coordinator).get(option_value(words, "--state-dir"))
+    assert volume in (compose.get("volumes") or {}), "--state-dir is not on a named volume"
+    for service in (coordinator, worker):
+        assert service.get("restart") in ("always", "unless-stopped")
 
 
 def test_dockerfile():
@@ -638,7 +736,8 @@ def test_k8s_commands(name):
     for doc in k8s_docs(name):
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
         for container in containers(doc):
-            assert command_errors(container_words(container), found) == [], container["name"]
+            assert known_errors(command_errors(container_words(container), found)) == [], \
+                container["name"]
     assert found, f"{name} runs no ddp-* command"
 
 
@@ -704,9 +803,26 @@ def test_k8s_zmq():
     annotations = service["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(metrics_port)
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/metrics"), ("livenessProbe", "/healthz")):
         get = coord[probe]["httpGet"]
-        assert get["path"] == "/healthz" and container_port(coord, get["port"]) == metrics_port
+        assert get["path"] == path and container_port(coord, get["port"]) == metrics_port
+
+
+def test_k8s_zmq_service_form():
+    """The coordinator runs the service with its --state-dir on a PersistentVolumeClaim of the
+    same file; one pod at a time holds it (Recreate)."""
+    docs = k8s_docs("zmq.yaml")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    coordinator = deployments["ddp-coordinator"]
+    (coord,) = containers(coordinator)
+    words = container_words(coord)
+    assert service_form_errors(words) == []
+    mounts = {m["mountPath"]: m["name"] for m in coord.get("volumeMounts", [])}
+    volume_name = mounts[option_value(words, "--state-dir")]
+    volumes = {v["name"]: v for v in coordinator["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes[volume_name]["persistentVolumeClaim"]["claimName"]
+    assert claim in [d["metadata"]["name"] for d in by_kind(docs, "PersistentVolumeClaim")]
+    assert coordinator["spec"]["strategy"]["type"] == "Recreate"
 
 
 # --- the Slurm script, run for real (a stand-in srun starts the ranks with mpirun)
@@ -752,24 +868,34 @@ def test_slurm_script_runs(tmp_path):
     assert not (other / "summary.json").exists() and not list(other.glob("ckpt-*"))
 
 
-def test_systemd_units_run_together(tmp_path):
+def job_command(*args: str) -> list[str]:
+    """ddp-job: the installed script, else `python -m ddp job`."""
+    script = shutil.which("ddp-job", path=BIN)
+    return [script, *args] if script else [PY, "-m", "ddp", "job", *args]
+
+
+@pytest.mark.skipif(not SERVICE_IN_TREE, reason="the training service (ddp-job, "
+                    "ddp/job_cli.py) is not in this tree yet")
+def test_systemd_units_run_the_service(tmp_path):
     """The two units' ExecStart lines, run as systemd would (paths moved into tmp_path,
-    loopback instead of 0.0.0.0): CURVE keys from ddp-keygen at the paths the units name, the
-    job from job.toml, and both exit 0 at the end, which Restart=on-failure leaves alone."""
-    etc, state, logs = tmp_path / "etc", tmp_path / "state", tmp_path / "log"
-    for d in (etc, state, logs):
+    loopback instead of 0.0.0.0), with CURVE keys from ddp-keygen at the paths the units name:
+    a client key submits a job that the two workers train, a worker key may not submit,
+    SIGTERM stops the service with 143 (SuccessExitStatus) while the workers stay."""
+    from ddp.keygen import run_keygen
+
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    for d in (etc, state):
         d.mkdir()
-    r = run([PY, "-m", "ddp", "keygen", str(etc / "keys"), "--name", "worker-1", "--name",
-             "worker-2"], timeout=60)
+    r = call(run_keygen, [str(etc / "keys"), "--name", "worker-1", "--name", "worker-2",
+                          "--client", "ops"])
     assert r.returncode == 0, r.stderr
-    (etc / "job.toml").write_text('data = "spiral"\nsteps = 40\nmin_workers = 2\n')
     zmq_port, metrics_port = free_port(), free_port()
+    endpoint = f"tcp://127.0.0.1:{zmq_port}"
     moves = {"/opt/ddp-train/bin/": BIN + "/", "/etc/ddp-train": str(etc),
-             "/var/lib/ddp-train": str(state), "/var/log/ddp-train": str(logs),
-             "tcp://0.0.0.0:5555": f"tcp://127.0.0.1:{zmq_port}",
+             "/var/lib/ddp-train": str(state), "tcp://0.0.0.0:5555": endpoint,
              "--metrics-addr 0.0.0.0": "--metrics-addr 127.0.0.1",
              "--metrics-port 9108": f"--metrics-port {metrics_port}",
-             "${DDP_COORDINATOR}": f"tcp://127.0.0.1:{zmq_port}", "${DDP_WORKER_THREADS}": "1"}
+             "${DDP_COORDINATOR}": endpoint}
 
     def exec_start(name: str, instance: str = "") -> list[str]:
         line = unit_value(systemd_unit(SYSTEMD / name), "Service", "ExecStart")
@@ -778,18 +904,45 @@ def test_systemd_units_run_together(tmp_path):
         assert "0.0.0.0" not in line and "$" not in line, line
         return shell_words(line.replace("%i", instance))
 
+    def job(key: str, *args: str):
+        return run(job_command(args[0], "--connect", endpoint, "--curve-secret",
+                               str(etc / "keys" / f"{key}.key_secret"), "--server-key",
+                               str(etc / "keys" / "coordinator.key"), *args[1:]), timeout=120)
+
     started = []
     try:
-        coordinator = Proc(exec_start("ddp-coordinator.service"), cwd=state)
-        started.append(coordinator)
-        started += [Proc(exec_start("ddp-worker@.service", str(i)), cwd=state) for i in (1, 2)]
-        assert coordinator.wait(120) == 0, coordinator.stderr
-        for worker in started[1:]:
-            assert worker.wait(30) == 0, worker.stderr
+        service = Proc(exec_start("ddp-coordinator.service"), cwd=state)
+        started.append(service)
+        workers = [Proc(exec_start("ddp-worker@.service", str(i)), cwd=state) for i in (1, 2)]
+        started += workers
+        deadline = time.monotonic() + 60
+        while True:     # 5: no service answered yet (it may still be starting)
+            r = job("ops", "submit", "--data", "spiral", "--steps", "40", "--min-workers", "2",
+                    "--name", "systemd")
+            if r.returncode != 5 or time.monotonic() > deadline or service.p.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert r.returncode == 0, r.stdout + r.stderr + service.stderr
+        job_id = r.stdout.strip().splitlines()[-1]
+        r = job("ops", "wait", job_id)
+        assert r.returncode == 0, r.stdout + r.stderr + service.stderr
+        r = job("ops", "fetch", job_id, "--output", str(tmp_path / "model.npz"))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        refused = job("worker-1", "submit", "--data", "spiral", "--steps", "40")
+        assert refused.returncode == 2 and one_error_line(refused.stderr, "ddp-job"), \
+            refused.stdout + refused.stderr
+
+        service.p.terminate()
+        assert service.wait(120) == 143, service.stderr
+        assert all(w.p.poll() is None for w in workers), [w.stderr for w in workers]
     finally:
         for proc in started:
             proc.kill()
-    summary = read_json(state / "summary.json")
-    assert summary["steps"] == 40 and summary["world_size"] == 2
-    assert (state / "checkpoints" / "ckpt-00000040.npz").is_file()
-    assert (logs / "coordinator.jsonl").read_text().strip()
+    record = state / "jobs" / job_id
+    summary = read_json(record / "summary.json")
+    assert summary["steps"] == 40
+    assert (record / "job.json").is_file() and (record / "config.toml").is_file()
+    served, fetched = load_model(record / "model.npz"), load_model(tmp_path / "model.npz")
+    assert served.keys() == fetched.keys()
+    assert all((served[k] == fetched[k]).all() for k in served)

@@ -1,6 +1,7 @@
 """Security and endpoint handling of the ZeroMQ backend, with real processes and sockets.
 
-- ddp-keygen: what it writes, with which modes, and that it never overwrites;
+- ddp-keygen: what it writes (worker and client pairs), with which modes, that it never
+  overwrites and that a name belongs to one role;
 - CURVE end to end over tcp: an authorized worker trains to the same parameters as an
   undisturbed run, while a worker with an unknown key and a worker with no keys are
   turned away quickly, each with one error line;
@@ -144,6 +145,71 @@ def test_keygen_bad_names(tmp_path, keydir, name):
     before = snapshot(tmp_path)
     res = keygen(keydir, f"--name={name}")
     expect_error(res, "ddp-keygen", "--name")
+    assert snapshot(tmp_path) == before
+
+
+def test_keygen_client_keys_beside_worker_keys(tmp_path):
+    """--client writes a client pair and its public key in DIR/clients; with --name in the
+    same call the worker pair goes to DIR/authorized; --client alone makes no worker pair."""
+    d = tmp_path / "keys"
+    res = keygen(d, "--client", "ops")
+    assert res.returncode == 0, _show(res)
+    first = snapshot(d)
+    assert set(first) == {"coordinator.key", "coordinator.key_secret", "ops.key",
+                          "ops.key_secret", os.path.join("clients", "ops.key")}
+    assert first["ops.key_secret"][1] == 0o600
+    assert not (d / "authorized").exists()
+    ops_pub, ops_sec = keyfiles.read_keys(str(d / "ops.key_secret"), "test")
+    c_pub, _ = keyfiles.read_keys(str(d / "coordinator.key_secret"), "test")
+    assert ops_sec and ops_pub != c_pub
+    assert keyfiles.read_keys(str(d / "clients" / "ops.key"), "test") == (ops_pub, None)
+    assert keyfiles.authorized(str(d / "clients"), "--client-keys") == {ops_pub}
+
+    res = keygen(d, "--name", "w1", "--client", "laptop", "--name", "w2")
+    assert res.returncode == 0, _show(res)
+    after = snapshot(d)
+    added = {"w1.key", "w1.key_secret", "w2.key", "w2.key_secret", "laptop.key",
+             "laptop.key_secret", os.path.join("authorized", "w1.key"),
+             os.path.join("authorized", "w2.key"), os.path.join("clients", "laptop.key")}
+    assert set(after) == set(first) | added
+    assert {k: v for k, v in after.items() if k in first} == first   # the coordinator's kept
+    workers = keyfiles.authorized(str(d / "authorized"))
+    clients = keyfiles.authorized(str(d / "clients"), "--client-keys")
+    assert len(workers) == 2 and len(clients) == 2 and not workers & clients
+    assert keyfiles.read_keys(str(d / "w1.key_secret"), "test")[0] in workers
+    assert keyfiles.read_keys(str(d / "laptop.key_secret"), "test")[0] in clients
+
+
+@pytest.mark.parametrize("first, then, fragments", [
+    (["--name", "gpu1"], ["--client", "gpu1"], ["--client gpu1", "is a worker's key"]),
+    (["--client", "ops"], ["--name", "ops"], ["--name ops", "is a client's key"]),
+    (["--client", "ops"], ["--client", "ops"], ["ops.key_secret exists", "--client"]),
+    ([], ["--name", "x", "--client", "x"], ["--client x", "given twice"]),
+    ([], ["--client", "a", "--client", "a"], ["--client a", "given twice"]),
+    ([], ["--client", "coordinator"], ["--client coordinator", "reserved"]),
+    ([], ["--client", "../x"], ["--client '../x'"]),
+])
+def test_keygen_a_name_is_one_role(tmp_path, first, then, fragments):
+    """A name already used by the other role, or twice in one call, or reserved: one line,
+    exit 2, and not a file written or changed."""
+    d = tmp_path / "keys"
+    if first:
+        assert keygen(d, *first).returncode == 0
+    before = snapshot(tmp_path)
+    res = keygen(d, *then)
+    expect_error(res, "ddp-keygen", *fragments)
+    assert snapshot(tmp_path) == before
+
+
+def test_keygen_client_name_of_a_removed_secret(tmp_path):
+    """A client whose secret was moved off this host still owns its name: DIR/clients holds
+    its public key, so a worker of that name is refused."""
+    d = tmp_path / "keys"
+    assert keygen(d, "--client", "ops").returncode == 0
+    (d / "ops.key_secret").unlink()
+    (d / "ops.key").unlink()
+    before = snapshot(tmp_path)
+    expect_error(keygen(d, "--name", "ops"), "ddp-keygen", "is a client's key")
     assert snapshot(tmp_path) == before
 
 
