@@ -414,21 +414,8 @@ def command_errors(tokens: list[str], found: list[str]) -> list[str]:
 SERVICE_FLAGS = {"--bind", "--state-dir", "--max-running", "--curve-secret", "--authorized-keys",
                  "--client-keys", "--metrics-port", "--metrics-addr", "--insecure",
                  "--worker-timeout"}
-# ddp-coordinator's parser gains these with the service itself (coordinator/service*.py and
-# ddp/job_cli.py); while ddp-job is not in this tree, the deploy files that already use them are
-# held to every other flag, and the run of the units waits for the service
-NEW_SERVICE_FLAGS = ("--state-dir", "--max-running", "--client-keys")
-SERVICE_IN_TREE = (ROOT / "ddp" / "job_cli.py").is_file()
 # The deploy files show ddp-job in comments only (its parser comes with the service):
 #   ddp-job submit|list|status|wait|cancel|fetch --connect E [--curve-secret F --server-key F]
-
-
-def known_errors(errors: list[str]) -> list[str]:
-    """`errors`, less the service flags' own while the service is not in this tree."""
-    if SERVICE_IN_TREE:
-        return errors
-    pending = {f"ddp-coordinator has no option {flag}" for flag in NEW_SERVICE_FLAGS}
-    return [e for e in errors if e not in pending]
 
 
 def service_form_errors(words: list[str]) -> list[str]:
@@ -490,7 +477,7 @@ def test_service_checks_can_fail():
         "--data is not a flag of the service"]
     assert service_form_errors(service[:-2]) == ["no --state-dir"]
     misspelt = shell_words("ddp-coordinator --state-dir /s --max-runing 2")
-    assert len(known_errors(command_errors(misspelt, []))) == 1
+    assert len(command_errors(misspelt, [])) == 1
 
 
 def test_command_check_can_fail():
@@ -549,7 +536,7 @@ def test_systemd_units(name, command, restart):
     unit = systemd_unit(SYSTEMD / name)
     found = []
     exec_start = unit_value(unit, "Service", "ExecStart")
-    assert exec_start and known_errors(command_errors(shell_words(exec_start), found)) == []
+    assert exec_start and command_errors(shell_words(exec_start), found) == []
     assert found == [command]
     assert unit_value(unit, "Service", "Restart") == restart
     assert unit_value(unit, "Service", "User") not in (None, "", "root", "0")
@@ -630,7 +617,7 @@ def test_compose():
     assert {"coordinator", "worker", "prometheus", "grafana"} <= set(services)
     found = []
     for service in services.values():
-        assert known_errors(command_errors(compose_command(service), found)) == []
+        assert command_errors(compose_command(service), found) == []
     assert sorted(found) == ["ddp-coordinator", "ddp-worker"]
 
     coordinator, worker = services["coordinator"], services["worker"]
@@ -736,7 +723,7 @@ def test_k8s_commands(name):
     for doc in k8s_docs(name):
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
         for container in containers(doc):
-            assert known_errors(command_errors(container_words(container), found)) == [], \
+            assert command_errors(container_words(container), found) == [], \
                 container["name"]
     assert found, f"{name} runs no ddp-* command"
 
@@ -874,8 +861,6 @@ def job_command(*args: str) -> list[str]:
     return [script, *args] if script else [PY, "-m", "ddp", "job", *args]
 
 
-@pytest.mark.skipif(not SERVICE_IN_TREE, reason="the training service (ddp-job, "
-                    "ddp/job_cli.py) is not in this tree yet")
 def test_systemd_units_run_the_service(tmp_path):
     """The two units' ExecStart lines, run as systemd would (paths moved into tmp_path,
     loopback instead of 0.0.0.0), with CURVE keys from ddp-keygen at the paths the units name:

@@ -26,8 +26,9 @@ from .compute import ShardCompute
 
 CHUNK_ROWS = 4096       # rows per forward/backward pass; larger shards are summed in chunks
 CACHED_DATASETS = 3     # data sets a worker keeps for the next jobs on the same data
-# the job keys that decide which rows are loaded and how (the others: model and schedule)
-LOAD_KEYS = ("data", "samples", "val_fraction", "standardize", "seed", "loss", "dtype")
+# beside the fingerprint of the training rows (which covers the file, the split and the
+# standardization), the job keys that decide how the rows were read and checked
+LOAD_KEYS = ("loss", "dtype")
 
 
 class DataCache:

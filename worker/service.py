@@ -51,6 +51,7 @@ class WorkerService:
         self.log, self.stop, self.retry_for, self.pinned = log, stop, retry_for, pinned
         self.cache = DataCache()
         self.pooled = False       # the coordinator is a service: stay when a job cannot be taken
+        self.threads = None       # BLAS threads as the coordinator last sized them
         self.ctx = zmq.Context()
         self.compute = ComputeThread(self.ctx)
         self.compute.start()
@@ -182,8 +183,11 @@ class WorkerService:
             if self.state != "idle":
                 self._idle(msg)
         elif kind == "threads":
-            if not self.pinned:
-                self.compute.set_threads(msg["threads"])
+            if not self.pinned and msg["threads"] != self.threads:
+                self.threads = msg["threads"]
+                self.compute.set_threads(self.threads)
+                self.log.info(f"{self.threads} BLAS thread{'s' * (self.threads > 1)}: this worker's "
+                              f"share of its host, as the coordinator counts the workers there")
         elif kind == "welcome":
             if self.state == "ready" and msg["job"] == self.job_id:
                 self.state = "member"
