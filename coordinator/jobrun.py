@@ -82,7 +82,6 @@ class JobRun:
         self.fingerprint = None
         self.in_flight = False                 # a step's shards are out
         self.t_step = 0.0
-        self.first_step_at: float | None = None
         self.outcome: tuple[str, int, str] | None = None   # (state, exit code, message)
         self.future: Future = executor.submit(self._open)
         self.executor = executor
@@ -191,14 +190,14 @@ class JobRun:
             compute = min(shards.step_compute, wall)
             self.in_flight = False
             run.update_(loss, correct, n, self.t_step, compute, wall - compute)
-            self.record.step = run.step
+            self.record.step, self.record.last_step = run.step, time.time()
         if self.in_flight:
             return
         if run.done or self.ending is not None:
             return self._close()
         if len(self.members) >= self.cfg.min_workers:
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
+            if self.record.first_step is None or self.record.first_step < self.record.started:
+                self.record.first_step = time.time()
                 self.monitor.set_state("training")
             shards.step, shards.step_compute = run.step, 0.0
             self.t_step = time.perf_counter()

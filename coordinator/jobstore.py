@@ -42,6 +42,8 @@ class JobRecord:
     state: str = "queued"
     submitted: float = field(default_factory=time.time)
     started: float | None = None     # the last time it started running
+    first_step: float | None = None  # when that start's first step went out
+    last_step: float | None = None   # when its last step so far was applied
     ended: float | None = None
     exit_code: int | None = None
     message: str = ""

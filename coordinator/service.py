@@ -262,8 +262,7 @@ class Service:
         if self.metrics is not None:
             self.metrics.job_finished(job.record.id)
             self.metrics.observe_duration(job.record.ended - job.record.started)
-        if job.first_step_at is not None:
-            self.log.info(f"job {job.record.id} {state}")
+        self.log.info(f"job {job.record.id} {state}")
 
     def finish_record(self, record: JobRecord, state: str, code: int | None, message: str) -> None:
         record.state, record.exit_code, record.message = state, code, message

@@ -345,3 +345,21 @@ def test_data_that_differs_is_refused_in_process(served):
     assert "this worker's data differs from the coordinator's" in reason and "give it the same file" in reason
     assert "ddp-coordinator: warning: refused worker 1: its data differs from the coordinator's" in s.lines
     assert len(s.coord.members) == 0
+
+
+def test_workers_on_one_host_are_told_their_share_of_its_cores(served):
+    """Each member on a host is told cores ÷ the members there (BLAS threads): two on a
+    2-core host get 1 each, one on another host keeps its cores, and when one of the two
+    leaves, the other is told 2 again."""
+    s = served()
+    a, b = s.peer(), s.peer()  # HELLO: the same host, 2 cores
+    other = s.peer(join=False)
+    other.say("hello", host="fedcba9876543210", cores=4)
+    s.poll_until(lambda: other.got("welcome"), "the worker on the other host joined")
+    s.poll_until(lambda: other.got("threads") and [m["threads"] for m in b.got("threads")][-1:] == [1],
+                 "the shares were sent")
+    assert [m["threads"] for m in a.got("threads")] == [2, 1]
+    assert [m["threads"] for m in other.got("threads")] == [4]
+    a.say("bye", job=a.job)
+    s.poll_until(lambda: [m["threads"] for m in b.got("threads")][-1:] == [2], "b's share after a left")
+    assert [m["threads"] for m in b.got("threads")] == [1, 2]
