@@ -10,6 +10,7 @@ Skipped where chromium or chromedriver is not installed (apt install chromium ch
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,12 @@ class WebDriver:
         return self._call("POST", f"/session/{self.sid}/execute/sync",
                           {"script": script, "args": list(args)})
 
+    def click(self, css: str) -> None:
+        """A real click (the browser's own pointer events) on the element `css` selects."""
+        found = self._call("POST", f"/session/{self.sid}/element",
+                           {"using": "css selector", "value": css})
+        self._call("POST", f"/session/{self.sid}/element/{next(iter(found.values()))}/click", {})
+
     def screenshot(self) -> bytes:
         return base64.b64decode(self._call("GET", f"/session/{self.sid}/screenshot"))
 
@@ -104,9 +111,10 @@ class WebDriver:
             self.sid = None
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """A headless chromium behind chromedriver; both are killed at the end, whatever happens."""
+@contextlib.contextmanager
+def chromium(tmp_path):
+    """A WebDriver session of a headless chromium behind chromedriver, with its files in
+    tmp_path; both are killed at the end, whatever happens."""
     port = free_port()
     log = open(tmp_path / "chromedriver.log", "w")
     proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=log, stderr=subprocess.STDOUT,
@@ -145,6 +153,12 @@ def browser(tmp_path):
         log.close()
 
 
+@pytest.fixture
+def browser(tmp_path):
+    with chromium(tmp_path) as driver:
+        yield driver
+
+
 # what the page shows, read in one go
 PAGE = """
 const d = window.ddpDashboard;
@@ -164,6 +178,7 @@ return {
   workers: [...document.querySelectorAll('#workers tbody tr')].map(
       tr => [...tr.cells].map(td => td.textContent)),
   notice: notice.hidden ? '' : notice.textContent,
+  jobsShown: !document.getElementById('jobs-card').hidden,
 };
 """
 
@@ -182,16 +197,20 @@ return [location.href, ...performance.getEntriesByType('resource').map(e => e.na
 """
 
 
-def wait_page(driver: WebDriver, cond, what: str, run, timeout: float = 60) -> dict:
+def wait_page(driver: WebDriver, cond, what: str, run=None, timeout: float = 60,
+              script: str = PAGE) -> dict:
+    """What `script` reads of the page, as soon as `cond` holds for it (else fail, with the
+    run's stderr when there is a run)."""
     deadline = time.monotonic() + timeout
     page = None
     while time.monotonic() < deadline:
-        page = driver.js(PAGE)
+        page = driver.js(script)
         if cond(page):
             return page
         time.sleep(0.25)
+    stderr = f"\nrun stderr:\n{run.stderr[-3000:]}" if run is not None else ""
     pytest.fail(f"the page did not get {what} within {timeout}s; it shows:\n"
-                f"{json.dumps(page, indent=1)}\nrun stderr:\n{run.stderr[-3000:]}")
+                f"{json.dumps(page, indent=1)}{stderr}")
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -226,6 +245,7 @@ def test_dashboard_during_a_run(tmp_path, procs, browser):  # noqa: F811 (procs 
     assert run.p.poll() is None, "the run ended before the page saw it going on"
     assert page["state"] in ("training", "evaluating", "checkpointing"), page
     assert page["badge"] == page["state"], page
+    assert not page["jobsShown"], page       # a one-job run's page has no jobs table
     assert page["progress"].startswith("step ") and "/ 2,000,000" in page["progress"], page
     assert len(page["lossData"]) >= 1 and all(0 < v < 10 for v in page["lossData"]), page
     # the step-time chart's exchange part: /api/history's exchange_seconds, in ms

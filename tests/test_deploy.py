@@ -51,8 +51,18 @@ HISTOGRAMS = {"ddp_step_duration_seconds", "ddp_compute_duration_seconds",
 # pushed to a Pushgateway at the end of a run (job="ddp_train")
 PUSHED = {"ddp_run_duration_seconds", "ddp_run_end_timestamp_seconds", "ddp_run_exit_code",
           "ddp_last_success_timestamp_seconds", "ddp_final_loss", "ddp_final_accuracy"}
-SERIES = GAUGES | COUNTERS | PUSHED | {
-    h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+# the training service's own (a one-job run has none of them; its jobs have the above,
+# labelled job="<id>")
+SERVICE_GAUGES = {"ddp_jobs", "ddp_pool_workers", "ddp_pool_idle_workers"}
+SERVICE_HISTOGRAMS = {"ddp_job_queue_seconds", "ddp_job_duration_seconds"}
+
+
+def histogram_series(histograms: set[str]) -> set[str]:
+    return {h + suffix for h in histograms for suffix in ("_bucket", "_sum", "_count")}
+
+
+SERVICE = SERVICE_GAUGES | histogram_series(SERVICE_HISTOGRAMS)
+SERIES = GAUGES | COUNTERS | PUSHED | SERVICE | histogram_series(HISTOGRAMS)
 # Prometheus's own series a dashboard may use
 SERIES_PROMETHEUS = {"up"}
 
@@ -115,6 +125,12 @@ def pushed_only(expr: str) -> bool:
     """An expression on what runs push to the Pushgateway (there only after a run ended)."""
     names = metric_names(expr)
     return bool(names) and names <= PUSHED
+
+
+def service_only(expr: str) -> bool:
+    """An expression on the training service's own metrics (no one-job run has them)."""
+    names = metric_names(expr)
+    return bool(names) and names <= SERVICE
 
 
 # --- every file parses
@@ -219,7 +235,29 @@ def test_every_target_has_an_expr_of_known_metrics():
 def test_every_metric_of_the_spec_is_on_the_dashboard():
     used = set().union(*map(metric_names, dashboard_exprs()))
     used |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
-    assert sorted((GAUGES | COUNTERS | HISTOGRAMS | PUSHED) - used) == []
+    assert sorted((GAUGES | COUNTERS | HISTOGRAMS | PUSHED | SERVICE_GAUGES | SERVICE_HISTOGRAMS)
+                  - used) == []
+
+
+def selectors(expr: str) -> list[str]:
+    """The label matchers of each selector of an expression, string literals kept."""
+    return re.findall(r"\{((?:[^{}\"]|\"(?:[^\"\\]|\\.)*\")*)\}", expr)
+
+
+def test_the_job_variable_picks_the_service_jobs():
+    """$job is the service's job label, which Prometheus stores as exported_job; All is .*,
+    which also matches the series of one-job runs (they have no such label). Every per-run
+    selector filters by it; the service's own series (no job label) and the pushed ones
+    do not."""
+    d = load_dashboard()
+    var = {v["name"]: v for v in d["templating"]["list"]}["job"]
+    query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+    assert re.fullmatch(r"label_values\(.*,\s*exported_job\)", query), query
+    assert var["includeAll"] and var["multi"] and var["allValue"] == ".*"
+    for expr in dashboard_exprs(d):
+        for matchers in selectors(expr):
+            filtered = 'exported_job=~"$job"' in matchers
+            assert filtered != (pushed_only(expr) or service_only(expr)), expr
 
 
 # (what the panel shows, patterns that must all match the queries of one panel)
@@ -245,6 +283,12 @@ REQUIRED_PANELS = [
     ("time since the last checkpoint",
      [r"time\(\)\s*-\s*ddp_last_checkpoint_timestamp_seconds\b"]),
     ("state", [r"\bddp_state\b"]),
+    ("jobs by state", [r"^ddp_jobs\b"]),
+    ("queue time quantiles", [r"histogram_quantile\(0\.5,.*ddp_job_queue_seconds_bucket",
+                              r"histogram_quantile\(0\.9,.*ddp_job_queue_seconds_bucket"]),
+    ("run time quantiles", [r"histogram_quantile\(0\.5,.*ddp_job_duration_seconds_bucket",
+                            r"histogram_quantile\(0\.9,.*ddp_job_duration_seconds_bucket"]),
+    ("worker pool", [r"^ddp_pool_workers\b", r"^ddp_pool_idle_workers\b"]),
 ]
 
 

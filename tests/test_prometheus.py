@@ -4,7 +4,9 @@ For each backend (a ZeroMQ coordinator with two workers, and mpirun -n 2), a rea
 (with deploy/prometheus/prometheus.yml, pointed at the run's ports and scraping every 0.25 s)
 scrapes a real training run and, when the Pushgateway is installed, the Pushgateway the run
 pushes its outcome to. Then every query of deploy/grafana/dashboards/ddp-train.json must
-return data over the run's time window, as Grafana would ask for it.
+return data over the run's time window, as Grafana would ask for it; all but the training
+service's own (its jobs and pool, which a one-job run has not: tests/test_service_monitor.py
+asks for those, and for every other query, of a scraped service).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ if not os.access(PROMETHEUS, os.X_OK):
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the deploy files: pip install pyyaml")
-from test_deploy import DEPLOY, dashboard_exprs, load_dashboard, pushed_only  # noqa: E402
+from test_deploy import (DEPLOY, dashboard_exprs, load_dashboard, pushed_only,  # noqa: E402
+                         service_only)
 
 SCRAPE = "250ms"
 JOB = "ddp-train"        # the scrape job of deploy/prometheus/prometheus.yml
@@ -114,6 +117,21 @@ def prometheus_config(metrics_port: int, pushgateway_port: int | None) -> dict:
     return config
 
 
+def start_prometheus(tmp, metrics_port: int, pushgateway_port: int | None, start) -> Prom:
+    """A Prometheus on deploy/prometheus/prometheus.yml at these ports (prometheus_config), its
+    files in tmp, started by `start` (which keeps it to be killed), once it has tried every
+    target."""
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config(metrics_port, pushgateway_port)))
+    prometheus = start([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{port}"])
+    wait_ready(f"http://127.0.0.1:{port}/-/ready", prometheus)
+    prom = Prom(port)
+    wait_scraping(prom, prometheus)
+    return prom
+
+
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def observed(request, tmp_path_factory):
     """A run of the backend, watched by Prometheus (and the Pushgateway, when installed)."""
@@ -129,7 +147,7 @@ def observed(request, tmp_path_factory):
         return proc
 
     try:
-        metrics_port, prom_port = free_port(), free_port()
+        metrics_port = free_port()
         pushgateway_url = pg_port = None
         if PUSHGATEWAY:
             pg_port = free_port()
@@ -137,14 +155,7 @@ def observed(request, tmp_path_factory):
                         f"--persistence.file={tmp / 'pushgateway.data'}"])
             wait_ready(f"http://127.0.0.1:{pg_port}/-/ready", pg)
             pushgateway_url = f"http://127.0.0.1:{pg_port}"
-        config = tmp / "prometheus.yml"
-        config.write_text(yaml.safe_dump(prometheus_config(metrics_port, pg_port)))
-        prometheus = start([PROMETHEUS, f"--config.file={config}",
-                            f"--storage.tsdb.path={tmp / 'tsdb'}",
-                            f"--web.listen-address=127.0.0.1:{prom_port}"])
-        wait_ready(f"http://127.0.0.1:{prom_port}/-/ready", prometheus)
-        prom = Prom(prom_port)
-        wait_scraping(prom, prometheus)
+        prom = start_prometheus(tmp, metrics_port, pg_port, start)
 
         steps, every = RUNS[backend]
         for attempt in range(ATTEMPTS):
@@ -207,18 +218,20 @@ def test_prometheus_scraped_the_run(observed):
 
 
 def dashboard_variables(prom, observed) -> dict[str, str]:
-    """The dashboard's template variables as Grafana fills them: each query's values."""
+    """The dashboard's template variables as Grafana fills them: each query's values, or
+    for a variable that found none but offers All, its All value (the service's $job on a
+    one-job run, whose series have no exported_job label)."""
     values = {}
     for var in load_dashboard()["templating"]["list"]:
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
         m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query)
         selector = m.group(1)
         for name, value in values.items():
-            selector = selector.replace(f"${name}", value)
+            selector = re.sub(rf"\${name}\b", lambda _: value, selector)
         found = prom.api(f"label/{m.group(2)}/values", **{
             "match[]": selector, "start": observed["start"], "end": observed["end"]})
-        assert found, f"variable {var['name']}: {query} found nothing"
-        values[var["name"]] = "|".join(map(regex_escape, found))
+        assert found or var.get("includeAll"), f"variable {var['name']}: {query} found nothing"
+        values[var["name"]] = "|".join(map(regex_escape, found)) if found else var["allValue"]
     return values
 
 
@@ -236,10 +249,11 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 def test_every_dashboard_query_has_data(observed):
     prom = observed["prom"]
     variables = dashboard_variables(prom, observed)
-    assert variables["job"] == regex_escape(JOB) == JOB
+    assert variables["scrape_job"] == regex_escape(JOB) == JOB
+    assert variables["job"] == ".*"     # a one-job run: no exported_job; All matches its series
     empty = []
     for expr in dashboard_exprs():
-        if pushed_only(expr):
+        if pushed_only(expr) or service_only(expr):   # the service's: tests/test_service_monitor.py
             continue
         series = prom.query_range(substitute(expr, variables), observed["start"], observed["end"])
         if not finite_values(series):

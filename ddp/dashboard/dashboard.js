@@ -6,6 +6,11 @@
  * shows the final state; when the server is gone it keeps the last data, says so, and keeps
  * retrying (less often) in case a new run starts on the same port.
  *
+ * The training service's /status lists jobs instead: the page shows them in a table
+ * (jobs.js) and one job's run as above, from /status?job=ID and /api/history?job=ID: the
+ * job clicked in the table, else the first running one. It polls as long as the service
+ * answers.
+ *
  * For tests: window.ddpDashboard exposes the charts and point counts, and every chart's
  * container carries data-points="<number of x values>" after each update.
  */
@@ -21,7 +26,8 @@
   var STALE_REPORT_S = 10;
   var REPORT_EVERY_S = 0.5;     // MPI ranks report twice a second (ZeroMQ workers every step)
   var REPORT_OVERDUE_S = 2;     // four reports missed: the worker's step is worth showing
-  var TERMINAL = { done: true, interrupted: true, failed: true };
+  // a run's end (done, interrupted, failed), and that of a job of the service
+  var TERMINAL = { done: true, interrupted: true, failed: true, diverged: true, cancelled: true };
 
   var COLORS = {
     train: "#2563eb",
@@ -38,7 +44,12 @@
     train: [],          // history train points, sorted by step
     val: [],            // history val points, sorted by step
     lastSeq: null,      // newest seq received; null: ask for everything
-    started: null,      // status.started of the run whose points we hold
+    runKey: null,       // the job and status.started of the run whose points we hold
+    service: null,      // the training service's last /status (its jobs); null: a run's port
+    jobId: null,        // the service's job whose run is shown
+    chosen: null,       // the job clicked in the table: shown while the service lists it
+    inFlight: false,    // a poll is under way
+    pollAgain: false,   // poll once more as soon as it ends (a job was clicked meanwhile)
     status: null,       // last /status
     state: null,        // last known run state
     serverOffset: 0,    // server clock minus client clock, seconds
@@ -54,6 +65,7 @@
   };
 
   var charts = { loss: null, accuracy: null, throughput: null, steptime: null };
+  var jobsTable = null;
 
   // ------------------------------------------------------------------ formatting
 
@@ -358,12 +370,16 @@
 
   function renderHeader() {
     var st = S.status || {};
-    var state = S.connected || TERMINAL[S.state] ? S.state : (S.everConnected ? "disconnected" : "connecting");
+    var state = S.connected || (TERMINAL[S.state] && !S.service) ? S.state
+      : (S.everConnected ? "disconnected" : "connecting");
     var badge = $("state");
     badge.dataset.state = state || "";
     setText("state", state || "connecting…");
 
     var meta = [];
+    if (S.service && S.jobId != null) {
+      meta.push("job " + S.jobId + (st.job && st.job.name ? " · " + String(st.job.name) : ""));
+    }
     if (st.backend) meta.push(st.backend === "zmq" ? "ZeroMQ" : st.backend.toUpperCase());
     if (st.version) meta.push("v" + st.version);
     if (st.layers && st.layers.length) meta.push("layers " + st.layers.join("-"));
@@ -400,8 +416,10 @@
     } else {
       setText("s-ckpt", S.status ? "none" : "–");
     }
-    setText("s-elapsed", isNum(st.started) ? fmtDuration(Math.max(0, now - st.started)) : "–");
-    setText("s-eta", S.connected && !TERMINAL[S.state] ? eta(st) : "–");
+    var end = st.job && isNum(st.job.ended) ? st.job.ended : now;   // a service's job that ended
+    setText("s-elapsed", isNum(st.started) ? fmtDuration(Math.max(0, end - st.started)) : "–");
+    var own = st.job && isNum(st.job.eta_seconds) ? fmtDuration(st.job.eta_seconds) : null;
+    setText("s-eta", S.connected && !TERMINAL[S.state] ? own || eta(st) : "–");
   }
 
   // steps per second over the last ~30 s of train points (null before two points)
@@ -447,7 +465,7 @@
       tr0.className = "empty";
       var td0 = document.createElement("td");
       td0.colSpan = 6;
-      td0.textContent = st ? "no workers yet" : "waiting for the server";
+      td0.textContent = st ? "no workers yet" : S.service ? "no job to show" : "waiting for the server";
       tr0.appendChild(td0);
       rows.appendChild(tr0);
     } else {
@@ -486,8 +504,9 @@
   function renderNotice() {
     var el = $("notice"), st = S.status || {}, text = "", cls = "notice";
     var where = isNum(st.step) ? " at step " + fmtInt(st.step) + (isNum(st.total_steps) ? " of " + fmtInt(st.total_steps) : "") : "";
-    if (TERMINAL[S.state]) {
-      text = "run " + S.state + where + " — showing the final state";
+    var subject = S.service && S.jobId != null ? "job " + S.jobId : "run";
+    if (TERMINAL[S.state] && S.connected) {
+      text = subject + " " + S.state + where + " — showing the final state";
       cls += S.state === "done" ? " final" : S.state === "failed" ? " error" : "";
     } else if (!S.connected && S.everConnected) {
       text = "disconnected — showing the final state (last seen: " + (S.state || "unknown") + where +
@@ -496,6 +515,8 @@
     } else if (!S.connected && S.failures > 0) {
       text = "cannot reach the ddp-train server at " + location.host + " — retrying";
       cls += " error";
+    } else if (S.state === "queued") {
+      text = subject + " is queued";
     } else if (S.state === "waiting-for-workers") {
       text = "waiting for workers to join";
     } else if (S.state === "training" && isNum(st.seconds_since_step) && st.seconds_since_step > STALL_WARN_S) {
@@ -514,7 +535,20 @@
     setText("footer", parts.join(" · "));
   }
 
+  function renderJobs() {
+    $("jobs-card").hidden = !S.service || !jobsTable;
+    if (!S.service || !jobsTable) return;
+    jobsTable.render(S.service.jobs, S.chosen != null ? S.chosen : S.jobId);
+    var sv = S.service.service || {}, by = sv.jobs_by_state || {};
+    var parts = [fmtInt(by.running || 0) + " running", fmtInt(by.queued || 0) + " queued"];
+    if (isNum(sv.pool_workers)) {
+      parts.push(fmtInt(sv.pool_workers) + " workers" + (isNum(sv.idle_workers) ? ", " + fmtInt(sv.idle_workers) + " idle" : ""));
+    }
+    setText("jobs-summary", parts.join(" · "));
+  }
+
   function render() {
+    renderJobs();
     renderHeader();
     renderWorkers();
     renderNotice();
@@ -528,7 +562,11 @@
     var timer = setTimeout(function () { ctrl.abort(); }, FETCH_TIMEOUT_MS);
     return fetch(url, { cache: "no-store", signal: ctrl.signal, headers: { Accept: "application/json" } })
       .then(function (r) {
-        if (!r.ok) throw new Error(url + ": HTTP " + r.status);
+        if (!r.ok) {
+          var err = new Error(url + ": HTTP " + r.status);
+          err.status = r.status;
+          throw err;
+        }
         var date = Date.parse(r.headers.get("Date") || "");
         return r.json().then(function (body) { return { body: body, date: date }; });
       })
@@ -571,36 +609,106 @@
     S.serverOffset = Math.abs(offset) > 2 ? offset : 0;
   }
 
+  function historyURL() {
+    var q = [];
+    if (S.jobId != null) q.push("job=" + encodeURIComponent(S.jobId));
+    if (S.lastSeq != null) q.push("after=" + S.lastSeq);
+    return "/api/history" + (q.length ? "?" + q.join("&") : "");
+  }
+
+  // the service's job to show: the one clicked while it is listed, else the one shown while
+  // it runs, else the first running one, else the one shown, else the first
+  function pickJob(rows) {
+    var ids = rows.map(function (r) { return String(r.id); });
+    var running = rows.filter(function (r) { return r.state === "running"; })
+      .map(function (r) { return String(r.id); });
+    if (S.chosen != null && ids.indexOf(S.chosen) >= 0) return S.chosen;
+    S.chosen = null;
+    if (running.indexOf(S.jobId) >= 0) return S.jobId;
+    if (running.length) return running[0];
+    if (ids.indexOf(S.jobId) >= 0) return S.jobId;
+    return ids.length ? ids[0] : null;
+  }
+
+  // the service's /status in hand: the shown job's own status, or null when there is none
+  async function jobStatus(service) {
+    S.service = service;
+    S.jobId = pickJob(service.jobs);
+    if (S.jobId == null) return null;
+    try {
+      return (await fetchJSON("/status?job=" + encodeURIComponent(S.jobId))).body;
+    } catch (err) {
+      if (err.status !== 404) throw err;
+      S.chosen = S.jobId = null;    // gone between the two requests: the next poll picks again
+      return null;
+    }
+  }
+
+  async function fetchRun(status) {
+    var key = (S.jobId == null ? "" : S.jobId) + " " + status.started;
+    if (S.runKey != null && key !== S.runKey) reset();   // a new run on this port, another job
+    S.runKey = key;
+    var h = await fetchJSON(historyURL());
+    if (S.lastSeq != null && isNum(h.body.seq) && h.body.seq < S.lastSeq) {
+      reset();
+      h = await fetchJSON(historyURL());
+    }
+    ingest(h.body);
+    return TERMINAL[h.body.state] && !TERMINAL[status.state] ? h.body.state : status.state;
+  }
+
   async function poll() {
     S.timer = null;
+    S.inFlight = true;
     try {
       var st = await fetchJSON("/status");
       noteClock(st.date);
       var status = st.body;
-      if (S.started != null && status.started !== S.started) reset();   // a new run on this port
-      S.started = status.started;
-      var h = await fetchJSON("/api/history" + (S.lastSeq == null ? "" : "?after=" + S.lastSeq));
-      if (S.lastSeq != null && isNum(h.body.seq) && h.body.seq < S.lastSeq) {
-        reset();
-        h = await fetchJSON("/api/history");
+      if (Array.isArray(status.jobs)) {
+        status = await jobStatus(status);
+      } else {                      // a run's port (again, if a service had it before)
+        S.service = S.jobId = S.chosen = null;
       }
-      ingest(h.body);
+      if (status) {
+        S.state = await fetchRun(status);
+      } else {                      // the service has no job to show
+        if (S.runKey != null) reset();
+        S.runKey = null;
+        S.state = "idle";
+      }
       S.status = status;
-      S.state = TERMINAL[h.body.state] && !TERMINAL[status.state] ? h.body.state : status.state;
       S.connected = true;
       S.everConnected = true;
       S.failures = 0;
       S.fetchedAt = serverNow();
       S.lastUpdate = Date.now() / 1000;
-      if (TERMINAL[S.state]) S.polling = false;
+      if (TERMINAL[S.state] && !S.service) S.polling = false;
       updateCharts();
     } catch (err) {
       S.connected = false;
       S.failures += 1;
       if (window.console) console.warn("ddp dashboard: poll failed:", err && err.message ? err.message : err);
     }
+    S.inFlight = false;
     render();
-    schedule();
+    if (S.pollAgain) {
+      S.pollAgain = false;
+      poll();
+    } else {
+      schedule();
+    }
+  }
+
+  // a job clicked in the table: shown from now on (at once if no poll is under way)
+  function selectJob(id) {
+    S.chosen = id;
+    renderJobs();
+    if (S.inFlight) {
+      S.pollAgain = true;
+      return;
+    }
+    if (S.timer) clearTimeout(S.timer);
+    poll();
   }
 
   function schedule() {
@@ -622,6 +730,12 @@
       updateCharts();
     });
     createCharts();
+    if (window.ddpJobs) {
+      jobsTable = window.ddpJobs.create({
+        tbody: $("jobs").tBodies[0], onSelect: selectJob,
+        fmt: { isNum: isNum, int: fmtInt, loss: fmtLoss, duration: fmtDuration, cell: cell }
+      });
+    }
     if (window.ResizeObserver) {
       var ro = new ResizeObserver(resizeCharts);
       document.querySelectorAll(".chart").forEach(function (el) { ro.observe(el); });
@@ -640,7 +754,9 @@
     status: function () { return S.status; },
     connected: function () { return S.connected; },
     polling: function () { return S.polling; },
-    lastSeq: function () { return S.lastSeq; }
+    lastSeq: function () { return S.lastSeq; },
+    job: function () { return S.jobId; },
+    service: function () { return S.service; }
   };
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

@@ -8,6 +8,7 @@ from . import prometheus
 from .jsonl import JsonlRecord
 from .server import LINGER_SECONDS, MonitorServer
 from .state import RunState, finite
+from .views import RunViews
 
 DEFAULT_PORT = 9108
 
@@ -106,8 +107,8 @@ class Monitor:
     def serve(self, addr: str, port: int, linger: float = LINGER_SECONDS) -> int:
         """Start the HTTP thread on addr:port; the port it got (port 0: any free one).
         At the end it waits up to `linger` seconds for someone watching to see it."""
-        self.server = MonitorServer(self.run, prometheus.registry(self.run), addr, port,
-                                    self.stall_timeout, linger)
+        views = RunViews(self.run, prometheus.registry(self.run), self.stall_timeout)
+        self.server = MonitorServer(views, addr, port, linger)
         return self.server.port
 
     def close_record(self) -> None:

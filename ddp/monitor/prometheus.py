@@ -1,6 +1,7 @@
-"""The Prometheus view of a RunState: metric families built when /metrics is scraped,
-and at the end of a run the push of its outcome to a Pushgateway. prometheus_client
-is imported only here, and only when used."""
+"""The Prometheus views: of a RunState (metric families built when /metrics is
+scraped, and at the end of a run the push of its outcome to a Pushgateway), and of the
+training service (its jobs, queue and pool, and each tracked job's families labelled
+with its id). prometheus_client is imported only here, and only when used."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import time
 import numpy as np
 
 from .. import __version__
+from .jobs import JOB_BUCKETS, ServiceState
 from .state import BUCKETS, STATES, RunState, finite
 
 # (RunState.hist key, metric name, help): the names are the README's and Grafana's
@@ -36,12 +38,38 @@ def _gauge(name: str, doc: str, value, labels=None):
     return g
 
 
+def _build_info(backend: str):
+    from prometheus_client.core import InfoMetricFamily
+
+    return InfoMetricFamily("ddp_build", "ddp-train version and runtime", value={
+        "version": __version__, "backend": backend, "python": platform.python_version(),
+        "numpy": np.__version__})
+
+
+def _labelled(family, labels: dict):
+    """The family with `labels` added to every sample (before the sample's own)."""
+    family.samples = [s._replace(labels={**labels, **s.labels}) for s in family.samples]
+    return family
+
+
 class Collector:
     """A prometheus_client custom collector over one RunState: each scrape copies the
-    numbers under the state's lock and builds the families from the copy."""
+    numbers under the state's lock and builds the families from the copy.
 
-    def __init__(self, run: RunState):
-        self.run = run
+    Parameters
+    ----------
+    run : RunState
+        What the families show.
+    labels : dict or None
+        Labels added to every sample (the service's job="<id>").
+    """
+
+    def __init__(self, run: RunState, labels: dict | None = None):
+        self.run, self.labels = run, labels or {}
+
+    def collect(self):
+        for family in self._families():
+            yield _labelled(family, self.labels) if self.labels else family
 
     def _snapshot(self) -> dict:
         run = self.run
@@ -53,13 +81,11 @@ class Collector:
                 steps=run.totals.steps, samples=run.totals.n, epoch=run.epoch,
                 checkpoint=run.checkpoint_time)
 
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+    def _families(self):
+        from prometheus_client.core import CounterMetricFamily
 
         run, values = self.run, self._snapshot()
-        yield InfoMetricFamily("ddp_build", "ddp-train version and runtime", value={
-            "version": __version__, "backend": run.backend, "python": platform.python_version(),
-            "numpy": np.__version__})
+        yield _build_info(run.backend)
         yield _gauge("ddp_start_time_seconds", "Unix time the run started", run.started)
         yield _gauge("ddp_state", "1 for the run's current state",
                      [((s,), float(s == values["state"])) for s in STATES], labels=("state",))
@@ -121,20 +147,67 @@ class Collector:
                                   "(recomputed by another worker)", value=w.shard_timeouts)
 
 
-def _histogram(name: str, doc: str, cumulative: list[int], total: float):
+def _histogram(name: str, doc: str, cumulative: list[int], total: float, bounds=BUCKETS):
     from prometheus_client.core import HistogramMetricFamily
 
     return HistogramMetricFamily(name, doc, sum_value=total, buckets=[
-        ("+Inf" if math.isinf(b) else repr(b), c) for b, c in zip(BUCKETS, cumulative)])
+        ("+Inf" if math.isinf(b) else repr(b), c) for b, c in zip(bounds, cumulative)])
 
 
-def registry(run: RunState):
-    """A registry holding only the run's collector (no process or platform metrics)."""
+class ServiceCollector:
+    """The training service's families: its jobs by state, how long jobs queued and ran,
+    its worker pool; then every tracked job's own families (those of a one-job run) with
+    job="<id>", merged by name, since a scrape may hold each family only once."""
+
+    def __init__(self, service: ServiceState):
+        self.service = service
+
+    def collect(self):
+        s = self.service.snapshot()
+        families = [
+            _build_info("service"),
+            _gauge("ddp_jobs", "Jobs of the service by state",
+                   [((state,), float(n)) for state, n in s["by_state"].items()], labels=("state",)),
+            _histogram("ddp_job_queue_seconds", "Time a job waited in the queue",
+                       *s["queue"], bounds=JOB_BUCKETS),
+            _histogram("ddp_job_duration_seconds", "Time a job ran, whatever its end",
+                       *s["duration"], bounds=JOB_BUCKETS),
+            _gauge("ddp_pool_workers", "Workers connected to the service", s["pool_workers"]),
+            _gauge("ddp_pool_idle_workers", "Connected workers that run no job", s["idle_workers"]),
+        ]
+        for job_id, run in s["tracked"]:
+            families.extend(Collector(run, {"job": job_id}).collect())
+        yield from _merged(families)
+
+
+def _merged(families) -> list:
+    """One family per name: the samples of later families of a name joined to the first."""
+    by_name = {}
+    for family in families:
+        if family.name in by_name:
+            by_name[family.name].samples.extend(family.samples)
+        else:
+            by_name[family.name] = family
+    return list(by_name.values())
+
+
+def _registry(collector):
+    """A registry holding only `collector` (no process or platform metrics)."""
     from prometheus_client import CollectorRegistry
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(Collector(run))
+    reg.register(collector)
     return reg
+
+
+def registry(run: RunState):
+    """A registry holding only the run's collector."""
+    return _registry(Collector(run))
+
+
+def service_registry(service: ServiceState):
+    """A registry holding only the service's collector."""
+    return _registry(ServiceCollector(service))
 
 
 def push(run: RunState, url: str, exit_code: int, summary: dict | None, warn) -> None:

@@ -9,11 +9,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from .. import __version__
-from . import views
-from .state import RunState
+from .views import QueryError
 
 LINGER_SECONDS = 3.0        # at the end, how long a watched run waits for a last poll
 POLL_SECONDS = 0.05         # how often the HTTP loop checks for shutdown
@@ -34,27 +33,24 @@ def static_files() -> dict[str, Path]:
 
 
 class MonitorServer:
-    """The HTTP thread serving views of one RunState on addr:port (port 0: any free
-    one; `port` is the one it got). When the run ends, someone who was watching gets
-    a moment to see the final state before the server stops.
+    """The HTTP thread serving `views` on addr:port (port 0: any free one; `port` is the
+    one it got). When the run ends, someone who was watching gets a moment to see the
+    final state before the server stops.
 
     Parameters
     ----------
-    run : RunState
-        What the views show.
-    registry : prometheus_client.CollectorRegistry
-        What /metrics encodes.
+    views : views.RunViews or views.ServiceViews
+        What is served: its `registry` at /metrics, `health()` at /healthz, and
+        `status(query)`, `history(query)` (given the query string; QueryError refuses
+        it) at /status and /api/history.
     addr, port : str, int
         Where to listen; OSError if it cannot.
-    stall_timeout : float
-        Seconds without a step after which /healthz answers 503.
     linger : float
         At the end, the most seconds to wait for a watcher's last poll.
     """
 
-    def __init__(self, run: RunState, registry, addr: str, port: int, stall_timeout: float,
-                 linger: float = LINGER_SECONDS):
-        self.run, self.registry, self.stall_timeout, self.linger = run, registry, stall_timeout, linger
+    def __init__(self, views, addr: str, port: int, linger: float = LINGER_SECONDS):
+        self.views, self.linger = views, linger
         self.last_request = -math.inf        # monotonic time of the last request served
         self.ended = False                   # the run's final state is recorded
         self.final_seen = threading.Event()  # a poll after the end saw the final state
@@ -125,23 +121,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.site.served(url.path)
 
     def _route(self, url) -> None:
-        path, site = url.path, self.site
+        path, views = url.path, self.site.views
         if path == "/metrics":
             from prometheus_client.exposition import choose_encoder
 
             encode, ctype = choose_encoder(self.headers.get("Accept"))
-            return self._send(200, encode(site.registry), ctype)
+            return self._send(200, encode(views.registry), ctype)
         if path == "/healthz":
-            ok, text = views.health(site.run, site.stall_timeout)
+            ok, text = views.health()
             return self._text(200 if ok else 503, text)
-        if path == "/status":
-            return self._json(views.status(site.run))
-        if path == "/api/history":
-            try:
-                after = int(parse_qs(url.query).get("after", ["0"])[0])
-            except ValueError:
-                return self._text(400, "after must be an integer")
-            return self._json(views.history(site.run, after))
+        try:
+            if path == "/status":
+                return self._json(views.status(url.query))
+            if path == "/api/history":
+                return self._json(views.history(url.query))
+        except QueryError as e:
+            return self._text(e.code, str(e))
         if path in ("/", "/index.html"):
             path = "/static/index.html"
         name = path[len("/static/"):]

@@ -123,16 +123,18 @@ class Window(StepTotals):
 
 
 class Histogram:
-    """Bucket counts of observed durations (cumulated only when scraped)."""
+    """Bucket counts of observed durations (cumulated only when scraped), at the upper
+    `bounds` of the buckets (ascending, the last one infinite)."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self):
-        self.counts = [0] * len(BUCKETS)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
         self.total = 0.0
 
     def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, v)] += 1
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1
         self.total += v
 
     def cumulative(self) -> tuple[list[int], float]:
