@@ -89,17 +89,8 @@ class JobRun:
     # --- opening -------------------------------------------------------------------
 
     def _open(self) -> None:
-        setup = prepare(self.cfg)
-        if setup.layout.size * np.dtype(setup.cfg.dtype).itemsize > self.max_frame:
-            raise DDPError(f"the model's {setup.layout.size:,} parameters are larger than the "
-                           f"service's largest message ({self.max_frame >> 20} MiB)")
-        self.fingerprint = setup.fingerprint()
-        self.exchange = LocalExchange(setup.layout.size, 0, np.dtype(setup.cfg.dtype))
-        compute = ShardCompute(setup.layout, setup.cfg.activation, setup.cfg.loss,
-                               np.dtype(setup.cfg.dtype), min(EVAL_ROWS, max(len(setup.train), 1)))
-        run = Run(setup, self.log, self.exchange, Evaluator(setup, compute, self.exchange))
-        run.begin(run.load_start())
-        self.setup, self.run, self.job = setup, run, job_config(setup.cfg)
+        self.setup, self.run, self.exchange = open_job(self.cfg, self.log, self.max_frame)
+        self.fingerprint, self.job = self.setup.fingerprint(), job_config(self.setup.cfg)
 
     def _opened(self) -> None:
         try:
@@ -153,13 +144,6 @@ class JobRun:
             self.shards.drop_member(member, why, lost)
         else:
             self.members.remove(member, why, lost)
-
-    def movable(self) -> list[Member]:
-        """Members that hold no task of the step: they may move to another job now."""
-        return [m for m in self.members.joining() + self.members.all() if not m.tasks]
-
-    def size(self) -> int:
-        return len(self.members.all()) + len(self.members.joining())
 
     # --- steps -----------------------------------------------------------------------
 
@@ -229,7 +213,7 @@ class JobRun:
             self._close()
 
     def _close(self) -> None:
-        self.release_all("leaves: the job is over")
+        self.members.release_all(self.shards, "leaves: the job is over")
         self.phase = "closing"
         self.future = self.executor.submit(self._finish)
 
@@ -269,7 +253,7 @@ class JobRun:
                 self.run.write_checkpoint()
             except DDPError as e:
                 message += f" (and its checkpoint failed: {e})"
-        self.release_all(f"leaves: the job ended ({state})")
+        self.members.release_all(self.shards, f"leaves: the job ended ({state})")
         self.phase = "ended"
         self.outcome = (state, code, message)
         if self.monitor is not None and state == "queued":
@@ -279,26 +263,22 @@ class JobRun:
         if message and state != "done":
             (self.log.info if state in ("queued", "cancelled") else self.log.warn)(message)
 
-    def release_all(self, why: str) -> None:
-        for member in self.members.joining() + self.members.all():
-            if self.shards is not None:
-                for task in member.tasks:
-                    self.shards.tasks.pop(task, None)
-            member.tasks.clear()
-            self.members.release(member, why)
 
-    def status(self) -> dict:
-        """What `ddp-job status` shows of it beyond the record: workers, loss, ETA."""
-        loss = accuracy = eta = None
-        if self.monitor is not None:
-            with self.monitor.run.lock:
-                loss, accuracy = self.monitor.run.train_loss, self.monitor.run.train_accuracy
-        if self.run is not None and self.phase == "running" and self.run.step > self.run.start_step:
-            elapsed = max(time.perf_counter() - self.run.t_loop, 1e-9)
-            rate = (self.run.step - self.run.start_step) / elapsed
-            eta = (self.run.total - self.run.step) / rate
-        return {"workers": len(self.members), "loss": loss, "accuracy": accuracy, "eta_seconds": eta,
-                "phase": self.phase}
+def open_job(cfg: Config, log: Log, max_frame: int):
+    """(setup, run, exchange) of a job: its data loaded and checked, its parameters from
+    its newest checkpoint or the seed (in the opening thread: this reads every byte)."""
+    setup = prepare(cfg)
+    dtype = np.dtype(setup.cfg.dtype)
+    if setup.layout.size * dtype.itemsize > max_frame:
+        raise DDPError(f"the model's {setup.layout.size:,} parameters are larger than the "
+                       f"service's largest message ({max_frame >> 20} MiB)")
+    setup.fingerprint()
+    exchange = LocalExchange(setup.layout.size, 0, dtype)
+    compute = ShardCompute(setup.layout, setup.cfg.activation, setup.cfg.loss, dtype,
+                           min(EVAL_ROWS, max(len(setup.train), 1)))
+    run = Run(setup, log, exchange, Evaluator(setup, compute, exchange))
+    run.begin(run.load_start())
+    return setup, run, exchange
 
 
 def _dump(fh, summary: dict) -> None:

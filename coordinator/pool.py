@@ -85,6 +85,22 @@ class JobMembers:
                 self.monitor.worker_left(member.name, why, False)
                 self.monitor.set_workers(len(self))
 
+    def release_all(self, shards, why: str) -> None:
+        """Every member and joiner back to the pool; their tasks of `shards` forgotten."""
+        for member in self.joining() + self.all():
+            if shards is not None:
+                for task in member.tasks:
+                    shards.tasks.pop(task, None)
+            member.tasks.clear()
+            self.release(member, why)
+
+    def movable(self) -> list[Member]:
+        """Members that hold no task of the step: they may move to another job now."""
+        return [m for m in self.joining() + self.all() if not m.tasks]
+
+    def size(self) -> int:
+        return len(self.all()) + len(self.joining())
+
     def remove(self, member: Member, why: str, lost: bool = False) -> None:
         """A member that is gone from the service (left, lost, banned)."""
         if member.peer in self.pool.members:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import numpy as np
 
@@ -31,10 +32,23 @@ def job_row(record: JobRecord, job=None) -> dict:
            "started": record.started, "ended": record.ended, "exit_code": record.exit_code,
            "message": record.message, "wait_exit_code": wait_code(record)}
     if job is not None:
-        row.update({k: v for k, v in job.status().items() if k != "phase"})
+        row.update(progress(job))
         if job.phase == "opening":
             row["message"] = "loading its data"
     return row
+
+
+def progress(job) -> dict:
+    """A running job's workers, windowed loss and accuracy, and the time it still needs."""
+    loss = accuracy = eta = None
+    if job.monitor is not None:
+        with job.monitor.run.lock:
+            loss, accuracy = job.monitor.run.train_loss, job.monitor.run.train_accuracy
+    run = job.run
+    if run is not None and job.phase == "running" and run.step > run.start_step:
+        rate = (run.step - run.start_step) / max(time.perf_counter() - run.t_loop, 1e-9)
+        eta = (run.total - run.step) / rate
+    return {"workers": len(job.members), "loss": loss, "accuracy": accuracy, "eta_seconds": eta}
 
 
 def wait_code(record: JobRecord) -> int | None:
@@ -110,7 +124,7 @@ class Requests:
             raise UsageError(f"job {record.id} already ended ({record.state})")
         job = service.jobs.get(record.id)
         if job is None:  # queued: it leaves the queue
-            service.finish_record(record, "cancelled", 130, "cancelled before it started")
+            service.scheduler.finish_record(record, "cancelled", 130, "cancelled before it started")
         else:            # running: it checkpoints and stops between two steps
             import signal
 

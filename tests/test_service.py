@@ -133,7 +133,7 @@ def test_kill_9_and_sigterm_of_the_service_lose_nothing(tmp_path, procs):  # noq
     service = Service(procs, tmp_path)
     service.start()
     service.worker(), service.worker()
-    long = ["--data", "digits", "--layers", "64,32,10", "--steps", "600", "--batch-size", "32",
+    long = ["--data", "digits", "--layers", "64,32,10", "--steps", "3000", "--batch-size", "32",
             "--checkpoint-every", "25", "--seed", "4", *F64]
     short = ["--data", "digits", "--layers", "64,24,10", "--steps", "80", "--seed", "5", *F64]
     first, second = service.submit(*long), service.submit(*short)
@@ -146,12 +146,12 @@ def test_kill_9_and_sigterm_of_the_service_lose_nothing(tmp_path, procs):  # noq
     # the same command again: the workers come back by themselves
     service.start()
     urgent = service.submit(*short[:-4], "--seed", "6", *F64, "--priority", "5")
-    running = service.until(lambda: next((r for r in json.loads(service.job("list", "--json").stdout)
-                                          if r["state"] == "running" and r["step"] >= 40), None),
-                            "a job past step 40 after the restart")
+    # the urgent job first (priority 5), then the first one resumes: kill -9 it mid-way
+    service.until(lambda: service.row(first)["state"] == "running" and service.row(first)["step"] >= 120,
+                  "the first job resumed and past step 120")
     os.kill(service.proc.pid, signal.SIGKILL)
     service.proc.wait(30)
-    assert service.record(running["id"])["state"] == "running"  # as a kill -9 leaves it
+    assert service.record(first)["state"] == "running"  # as a kill -9 leaves it
     service.start()
     for job_id in (first, second, urgent):
         assert service.wait(job_id) == 0, service.proc.stderr

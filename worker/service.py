@@ -13,6 +13,7 @@ config file, every header by `ddp.protocol`, and the parameter frame's exact siz
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
@@ -32,6 +33,31 @@ from .connection import Connection, Unreachable, check_endpoint, load_keys, quer
 __all__ = ["WorkerService", "Job", "Unreachable", "load_keys", "query_status"]
 
 HELLO_EVERY = 2.0       # seconds between hellos while no coordinator answers
+
+
+class Hellos:
+    """When a worker without a coordinator says hello (every HELLO_EVERY s), and when it
+    gives up: after --retry-for seconds without hearing from one."""
+
+    def __init__(self, endpoint: str, log: Log, retry_for: float | None):
+        self.endpoint, self.log, self.retry_for = endpoint, log, retry_for
+        self.last = 0.0                       # the last hello
+        self.contact = time.monotonic()       # the coordinator last heard (or the start)
+        self.last_wait_log = time.monotonic()
+
+    def due(self, now: float) -> bool:
+        """Whether to say hello now; Unreachable once --retry-for is over."""
+        silent = now - self.contact
+        if self.retry_for is not None and silent > self.retry_for:
+            raise Unreachable(f"no answer from a coordinator at {self.endpoint} for "
+                              f"{silent:.0f} s (--retry-for {self.retry_for:g})")
+        if now - self.last_wait_log > 30:
+            self.last_wait_log = now
+            self.log.info(f"waiting for a coordinator at {self.endpoint}")
+        if now - self.last <= HELLO_EVERY:
+            return False
+        self.last = now
+        return True
 
 
 class WorkerService:
@@ -62,9 +88,7 @@ class WorkerService:
         self.generation = 0
         self.heartbeat, self.timeout = 0.5, 3.0
         self.last_heard = 0.0
-        self.last_hello = 0.0
-        self.contact = time.monotonic()   # last time the coordinator was heard (or start)
-        self.last_wait_log = time.monotonic()
+        self.hellos = Hellos(endpoint, log, retry_for)
         # started by ddp-train --backend zmq: leave with the process that started us
         parent = os.environ.get("DDP_WORKER_PARENT", "")
         self.parent = int(parent) if parent.isdigit() else None
@@ -76,7 +100,7 @@ class WorkerService:
     def _connect(self) -> None:
         self.conn.open()
         self.state = "hello"
-        self.last_hello = 0.0
+        self.hellos.last = 0.0
         self.generation += 1  # results computed for an earlier membership are not sent
         self.compute.drop_tasks()
 
@@ -114,7 +138,8 @@ class WorkerService:
         if self.parent is not None and os.getppid() != self.parent:
             raise Unreachable("the ddp-train process that started this worker is gone")
         if self.state == "hello":
-            self._hello(now)
+            if self.hellos.due(now):
+                self.conn.send(protocol.encode("hello", host=host_id(), cores=host_cores()))
             return
         if now - self.last_heard > self.timeout:
             self.log.info(f"coordinator silent for {now - self.last_heard:.1f} s; reconnecting")
@@ -122,37 +147,16 @@ class WorkerService:
         elif now - self.conn.last_sent > self.heartbeat:
             self.conn.send(protocol.encode("heartbeat", job=self.job_id or ""))
 
-    def _hello(self, now: float) -> None:
-        """Ask for the job every HELLO_EVERY s; give up after --retry-for without an answer."""
-        if now - self.last_hello > HELLO_EVERY:
-            self.last_hello = now
-            self.conn.send(protocol.encode("hello", host=host_id(), cores=host_cores()))
-        silent = now - self.contact
-        if self.retry_for is not None and silent > self.retry_for:
-            raise Unreachable(f"no answer from a coordinator at {self.endpoint} for "
-                              f"{silent:.0f} s (--retry-for {self.retry_for:g})")
-        if now - self.last_wait_log > 30:
-            self.last_wait_log = now
-            self.log.info(f"waiting for a coordinator at {self.endpoint}")
-
     def _send_results(self) -> None:
         for generation, msg, loss, correct, entry, seconds in self.compute.finished():
-            n = msg["hi"] - msg["lo"]
-            if generation != self.generation or self.state != "member":
-                entry[1] = False
-                continue
-            if not np.isfinite(loss):
-                self.conn.send(protocol.encode("diverged", job=self.job_id, step=msg["step"],
-                                               task=msg["task"]))
-                entry[1] = False
-                continue
-            header = protocol.encode("grads", job=self.job_id, step=msg["step"], task=msg["task"],
-                                     n=n, loss=float(loss), correct=int(correct), seconds=seconds)
-            tracker = self.conn.send(header, entry[0])
+            tracker = None
+            if generation == self.generation and self.state == "member":
+                header = result_header(self.job_id, msg, loss, correct, seconds)
+                tracker = self.conn.send(header, entry[0] if np.isfinite(loss) else None)
             if tracker is None:
-                entry[1] = False
+                entry[1] = False  # the buffer is free again
             else:
-                entry[2] = tracker
+                entry[2] = tracker  # free once libzmq has sent it
 
     def _receive(self) -> int | None:
         for _ in range(100):
@@ -160,15 +164,11 @@ class WorkerService:
             if frames is None:
                 return None
             try:
-                if len(frames) not in (1, 2):
-                    raise ProtocolError(f"{len(frames)} frames")
-                msg = protocol.decode(frames[0].bytes, protocol.FROM_COORDINATOR, protocol.MAX_REPLY_HEADER)
-                if (len(frames) == 2) != (msg["type"] in protocol.ARRAY_TYPES):
-                    raise ProtocolError("array frame mismatch")
+                msg = decode_frames(frames)
             except ProtocolError as e:
                 self.log.warn(f"ignoring an invalid message from the coordinator ({e})")
                 continue
-            self.last_heard = self.contact = time.monotonic()
+            self.last_heard = self.hellos.contact = time.monotonic()
             code = self._on_message(msg, frames)
             if code is not None:
                 return code
@@ -200,7 +200,7 @@ class WorkerService:
         elif kind == "rejoin":
             if self.state != "hello":
                 self.log.info("the coordinator does not know this worker (restarted?); joining again")
-                self.state, self.last_hello = "hello", 0.0
+                self.state, self.hellos.last = "hello", 0.0
                 self.generation += 1
         elif kind == "stop":
             self.log.info(f"stopping: {msg['reason']}")
@@ -229,9 +229,8 @@ class WorkerService:
         self.job_id = msg["job"]
         self.last_heard = time.monotonic()
         if self.job is None or self.job.description != msg["config"]:
-            self.log.info(f"loading the data of job {msg['job']} ({msg['config'].get('data')!r})")
             try:
-                job = Job(msg["config"], self.cache, msg["fingerprint"])
+                self.job = load_job(msg, self.cache, self.log)
             except DDPError as e:
                 if not self.pooled:
                     raise type(e)(f"cannot take the coordinator's job: {e}")
@@ -239,9 +238,6 @@ class WorkerService:
                 self.conn.send(protocol.encode("unable", job=msg["job"], reason=str(e)[:4000]))
                 self.state, self.job_id = "idle", None
                 return
-            if job.reused:
-                self.log.info(f"job {msg['job']}: its data is already loaded")
-            self.job = job
         self.state = "ready"
         self.last_heard = time.monotonic()
         self.conn.send(protocol.encode("ready", job=self.job_id, fingerprint=self.job.fingerprint))
@@ -251,9 +247,7 @@ class WorkerService:
             return
         job = self.job
         try:
-            if not msg["lo"] < msg["hi"] <= job.schedule.batch_len(msg["step"]):
-                raise ProtocolError(f"rows [{msg['lo']}, {msg['hi']}) outside step {msg['step']}'s batch")
-            params = protocol.array_from_frame(frame.buffer, job.dtype, job.layout.size)
+            params = task_params(msg, frame, job)
         except ProtocolError as e:
             self.log.warn(f"ignoring an invalid task from the coordinator ({e})")
             return
@@ -263,6 +257,40 @@ class WorkerService:
         if self.state == "member" and self.job_id:
             self.conn.sock.setsockopt(zmq.LINGER, 1000)
             self.conn.send(protocol.encode("bye", job=self.job_id))
-        import signal
         self.log.info(f"leaving: {signal.Signals(self.stop.signum).name}")
         return EXIT_SIGNAL_BASE + self.stop.signum
+
+
+def load_job(msg: dict, cache: DataCache, log: Log) -> Job:
+    """The job a coordinator sent: its data from the cache, or loaded (DDPError if it cannot be)."""
+    log.info(f"loading the data of job {msg['job']} ({msg['config'].get('data')!r})")
+    job = Job(msg["config"], cache, msg["fingerprint"])
+    if job.reused:
+        log.info(f"job {msg['job']}: its data is already loaded")
+    return job
+
+
+def task_params(msg: dict, frame, job: Job) -> np.ndarray:
+    """A task's parameters, after checking its rows and the frame's exact size."""
+    if not msg["lo"] < msg["hi"] <= job.schedule.batch_len(msg["step"]):
+        raise ProtocolError(f"rows [{msg['lo']}, {msg['hi']}) outside step {msg['step']}'s batch")
+    return protocol.array_from_frame(frame.buffer, job.dtype, job.layout.size)
+
+
+def result_header(job_id: str, msg: dict, loss: float, correct: int, seconds: float) -> bytes:
+    """The answer to a task: its sums' header ("grads"), or "diverged" for a non-finite loss."""
+    if not np.isfinite(loss):
+        return protocol.encode("diverged", job=job_id, step=msg["step"], task=msg["task"])
+    return protocol.encode("grads", job=job_id, step=msg["step"], task=msg["task"],
+                           n=msg["hi"] - msg["lo"], loss=float(loss), correct=int(correct),
+                           seconds=seconds)
+
+
+def decode_frames(frames: list) -> dict:
+    """A coordinator's message (a header, and an array frame for a task), checked."""
+    if len(frames) not in (1, 2):
+        raise ProtocolError(f"{len(frames)} frames")
+    msg = protocol.decode(frames[0].bytes, protocol.FROM_COORDINATOR, protocol.MAX_REPLY_HEADER)
+    if (len(frames) == 2) != (msg["type"] in protocol.ARRAY_TYPES):
+        raise ProtocolError("array frame mismatch")
+    return msg
