@@ -14,9 +14,11 @@ import time
 
 import numpy as np
 import pytest
-from helpers import PY, free_port, one_error_line, read_json, run
+from helpers import PY, _env, free_port, one_error_line, read_json, run
 from inproc import train_here
 from zmq_helpers import ipc, max_param_diff, procs  # noqa: F401 (fixture)
+
+from ddp.threads import ENV_VARS, host_cores
 
 F64 = ["--dtype", "float64"]
 TIMEOUT = 120
@@ -38,8 +40,8 @@ class Service:
         self.proc.wait_for(r"^service on ", timeout=60)
         return self.proc
 
-    def worker(self, *args):
-        proc = self.procs.start([PY, "-m", "ddp", "worker", "--connect", self.endpoint, *args])
+    def worker(self, *args, env=None):
+        proc = self.procs.start([PY, "-m", "ddp", "worker", "--connect", self.endpoint, *args], env=env)
         self.workers.append(proc)
         return proc
 
@@ -112,7 +114,9 @@ def test_three_jobs_two_at_once_on_the_same_two_workers_end_as_one_process(tmp_p
     # a and b are submitted before any worker is there: both open, then share the pool
     ids = {k: service.submit(*v, "--name", k) for k, v in jobs.items()}
     assert service.row(ids["c"])["state"] == "queued"
-    workers = [service.worker(), service.worker()]
+    # no --threads, no OMP_NUM_THREADS: each sizes its BLAS threads as the service says
+    env = {k: v for k, v in _env().items() if k not in ENV_VARS}
+    workers = [service.worker(env=env), service.worker(env=env)]
     for key in "abc":
         assert service.wait(ids[key]) == 0, service.proc.stderr
     for key, flags in jobs.items():
@@ -127,6 +131,9 @@ def test_three_jobs_two_at_once_on_the_same_two_workers_end_as_one_process(tmp_p
     assert names["c"] == {"worker 1", "worker 2"}, "c gets the workers of the jobs that ended"
     # the third job on the digits did not load them again
     assert any("its data is already loaded" in w.stderr for w in workers)
+    # two workers on this host: each takes half its cores
+    share = f"{max(1, host_cores() // 2)} BLAS thread"
+    assert all(f"{share}" in w.stderr and "share of its host" in w.stderr for w in workers)
 
 
 def test_kill_9_and_sigterm_of_the_service_lose_nothing(tmp_path, procs):  # noqa: F811

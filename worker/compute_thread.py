@@ -14,7 +14,6 @@ from collections import OrderedDict
 
 import numpy as np
 import zmq
-from threadpoolctl import threadpool_limits
 
 from ddp import data as ddata
 from ddp import protocol
@@ -111,8 +110,7 @@ class GradBuffers:
 class ComputeThread(threading.Thread):
     """Σ gradients over rows [lo, hi) of a step's batch, one task after another.
 
-    Tasks are (generation, task message, parameters, job), or ("threads", n) to change
-    the BLAS threads between two tasks; each result is (generation,
+    Tasks are (generation, task message, parameters, job); each result is (generation,
     message, loss sum, correct count, buffer entry, seconds). `wake` is the caller's
     end of an inproc pair, bound here in the caller's thread: it is readable when a
     result is ready, so the caller polls it beside its other sockets.
@@ -128,22 +126,18 @@ class ComputeThread(threading.Thread):
         self.results: queue.Queue = queue.Queue()
 
     def drop_tasks(self) -> None:
-        """Forget the tasks not started yet (they were for an earlier connection or job);
-        a change of threads still waiting is kept."""
-        kept = []
+        """Forget the tasks not started yet (they were for an earlier connection or job)."""
         while not self.tasks.empty():
             try:
-                item = self.tasks.get_nowait()
+                self.tasks.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and item[0] == "threads":
-                kept.append(item)
-        for item in kept:
-            self.tasks.put(item)
+            self.tasks.task_done()
 
-    def set_threads(self, n: int) -> None:
-        """Use `n` BLAS threads from the next task on."""
-        self.tasks.put(("threads", n))
+    def idle(self) -> bool:
+        """No task waits or is being computed (only the caller's thread adds tasks, so
+        this stays true until it adds one)."""
+        return self.tasks.unfinished_tasks == 0
 
     def finished(self):
         """The results ready since the last call, oldest first (called in the polling thread)."""
@@ -173,13 +167,11 @@ class ComputeThread(threading.Thread):
                 item = self.tasks.get()
                 if item is None:
                     return
-                if item[0] == "threads":  # between tasks: the BLAS library is not in use
-                    threadpool_limits(limits=item[1])
-                    continue
                 generation, msg, params, job = item
                 started = time.perf_counter()
                 loss, correct, entry = self._compute(job, msg, params)
                 self.results.put((generation, msg, loss, correct, entry, time.perf_counter() - started))
+                self.tasks.task_done()
                 wake.send(b"")
         finally:
             wake.close(linger=0)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import zmq
+from threadpoolctl import threadpool_limits
 
 from ddp import protocol
 from ddp.errors import DDPError, EXIT_OK, EXIT_SIGNAL_BASE, UsageError
@@ -60,6 +61,25 @@ class Hellos:
         return True
 
 
+class ThreadShare:
+    """The BLAS threads the coordinator sizes for this worker (its share of the host),
+    unless `pinned` by --threads or the environment. They are set from the main thread,
+    which OpenBLAS honours (a limit set in another thread is not), while the compute
+    thread has nothing to do: it gets its next task from the main thread only."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.applied = self.wanted = None
+
+    def apply(self, log: Log) -> None:
+        if self.pinned or self.wanted in (None, self.applied):
+            return
+        self.applied = self.wanted
+        threadpool_limits(limits=self.applied)
+        log.info(f"{self.applied} BLAS thread{'s' * (self.applied > 1)}: this worker's share of "
+                 f"its host, as the coordinator counts the workers there")
+
+
 class WorkerService:
     """One worker's life: hello, job, ready, member; again after every reconnect.
 
@@ -74,10 +94,10 @@ class WorkerService:
     def __init__(self, endpoint: str, log: Log, stop: StopRequest, keys=None,
                  retry_for: float | None = None, pinned: bool = True):
         check_endpoint(endpoint)
-        self.log, self.stop, self.retry_for, self.pinned = log, stop, retry_for, pinned
+        self.log, self.stop, self.retry_for = log, stop, retry_for
         self.cache = DataCache()
         self.pooled = False       # the coordinator is a service: stay when a job cannot be taken
-        self.threads = None       # BLAS threads as the coordinator last sized them
+        self.threads = ThreadShare(pinned)
         self.ctx = zmq.Context()
         self.compute = ComputeThread(self.ctx)
         self.compute.start()
@@ -134,6 +154,8 @@ class WorkerService:
                 self.ctx.term()
 
     def _timers(self) -> None:
+        if self.compute.idle():
+            self.threads.apply(self.log)
         now = time.monotonic()
         if self.parent is not None and os.getppid() != self.parent:
             raise Unreachable("the ddp-train process that started this worker is gone")
@@ -183,11 +205,7 @@ class WorkerService:
             if self.state != "idle":
                 self._idle(msg)
         elif kind == "threads":
-            if not self.pinned and msg["threads"] != self.threads:
-                self.threads = msg["threads"]
-                self.compute.set_threads(self.threads)
-                self.log.info(f"{self.threads} BLAS thread{'s' * (self.threads > 1)}: this worker's "
-                              f"share of its host, as the coordinator counts the workers there")
+            self.threads.wanted = msg["threads"]
         elif kind == "welcome":
             if self.state == "ready" and msg["job"] == self.job_id:
                 self.state = "member"
