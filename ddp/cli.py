@@ -3,6 +3,7 @@
     ddp-train, ddp-coordinator  here
     ddp-predict                 ddp.predict
     ddp-worker                  ddp.worker_cli (the service itself: worker.service)
+    ddp-job                     ddp.job_cli (the training service: coordinator.service)
     ddp-keygen                  ddp.keygen
 
 Every error the user can cause ends as one line on stderr and a non-zero exit
@@ -58,10 +59,15 @@ gradient sums and applies the SGD step. Workers may join, leave or die at any
 time; a shard that was lost is recomputed, so the result is that of an
 undisturbed run. Takes every training flag of ddp-train.
 
+With --state-dir DIR and no training flags it is the training service instead:
+it stays up, keeps the workers that connect, and runs the jobs that ddp-job
+submits (see ddp-job --help), keeping its queue and every job's files in DIR.
+
 Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf
 or exceeded --max-loss; 4 cannot write a checkpoint, model or summary; 128+N
 stopped by signal N before the last step (checkpoint written, workers told to
-exit: run the same command to resume)."""
+exit: run the same command to resume; the service: its running jobs
+checkpointed, its workers left waiting)."""
 
 
 def run_train(argv: list[str] | None = None, comm=None, prog: str = "ddp-train") -> int:

@@ -274,3 +274,58 @@ def test_the_service_refuses_training_flags_and_a_corrupt_record_is_reported(tmp
     assert row["state"] == "failed" and "corrupt" in row["message"]
     assert "corrupt" in service.proc.stderr
     assert '"stepz"' in path.read_text(), "a corrupt record is kept as it is"
+
+
+def test_the_service_survives_what_arrives_and_trusts_none_of_it(tmp_path, procs):  # noqa: F811
+    """Malformed frames, wrong types, unknown requests, hostile arguments (a path for an id,
+    a config that is not a table, ids of other jobs) get an error or are dropped; then a
+    real job on the same service ends exactly as one process ends it."""
+    import random
+
+    import zmq
+
+    from ddp import protocol
+
+    service = Service(procs, tmp_path)
+    service.start()
+    request = lambda op, **args: protocol.encode("request", op=op, args=args)  # noqa: E731
+    hostile = [
+        [b""], [b"\xff\xfe"], [b"{}"], [b'{"v": 3, "type": "request"}'], [b"[" * 5000],
+        [request("fetch", id="../../../etc/passwd", what="model")], [request("status", id=7)],
+        [request("submit", config="--data digits")], [request("submit", config={"data": ["x"]})],
+        [request("submit", config={"state_dir": "/"}, name="x")], [request("cancel", id="1")],
+        [request("submit", config={"data": "digits"}, priority=10 ** 9)], [request("rm", id="1")],
+        [request("submit", config={"data": "digits"}, name="\x1b[2J")],
+        [protocol.encode("ready", job="ab" * 8, fingerprint="cd" * 8)],
+        [protocol.encode("grads", job="ab" * 8, step=0, task=1, n=1, loss=0.0, correct=0, seconds=0.0),
+         b"\0" * 16],
+        [protocol.encode("heartbeat", job="")], [protocol.encode("bye", job="ab" * 8)],
+    ]
+    rng = random.Random(0)
+    hostile += [[rng.randbytes(rng.randrange(1, 200))] for _ in range(50)]
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(service.endpoint)
+        for frames in hostile:
+            sock.send_multipart(frames)
+        replies = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(replies) < 12:
+            if sock.poll(100):
+                replies.append(protocol.decode(sock.recv_multipart()[0], protocol.TO_CLIENT | {"rejoin"},
+                                               protocol.MAX_REPLY_HEADER))
+        errors = [r for r in replies if r["type"] == "error"]
+        assert len(errors) == 9 and all(r["code"] == 2 for r in errors), replies
+        sock.close()
+    finally:
+        ctx.term()
+    assert json.loads(service.job("list", "--json").stdout) == [], "nothing hostile was queued"
+    assert service.proc.p.poll() is None
+    service.worker()
+    flags = ["--data", "digits", "--layers", "64,16,10", "--steps", "40", *F64]
+    job_id = service.submit(*flags)
+    assert service.wait(job_id) == 0
+    assert_exact(service, tmp_path, job_id, flags)
+    assert "Traceback" not in service.proc.stderr
