@@ -329,3 +329,25 @@ def test_the_service_survives_what_arrives_and_trusts_none_of_it(tmp_path, procs
     assert service.wait(job_id) == 0
     assert_exact(service, tmp_path, job_id, flags)
     assert "Traceback" not in service.proc.stderr
+
+
+def test_a_job_whose_data_differs_on_the_workers_fails_with_their_reason(tmp_path, procs):  # noqa: F811
+    """The workers read other data than the coordinator fingerprinted (the file changed
+    after the job opened): the job fails with that reason, and the next job runs on the
+    same workers."""
+    service = Service(procs, tmp_path)
+    service.start()
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(1)
+    np.savez(data, X=rng.normal(size=(100, 4)), y=rng.integers(0, 2, 100))
+    differs = service.submit("--data", str(data), "--steps", "20", *F64)
+    service.until(lambda: service.row(differs)["state"] == "running"
+                  and service.row(differs)["message"] == "", "the job opened")
+    np.savez(data, X=rng.normal(size=(100, 4)), y=rng.integers(0, 2, 100))
+    service.worker()
+    assert service.wait(differs) == 2
+    assert "differs" in service.row(differs)["message"]
+    flags = ["--data", "digits", "--layers", "64,10", "--steps", "20", *F64]
+    job_id = service.submit(*flags)
+    assert service.wait(job_id) == 0
+    assert_exact(service, tmp_path, job_id, flags)
