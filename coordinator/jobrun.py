@@ -93,13 +93,8 @@ class JobRun:
         self.fingerprint, self.job = self.setup.fingerprint(), job_config(self.setup.cfg)
 
     def _opened(self) -> None:
-        try:
-            self.future.result()
-        except DDPError as e:
-            return self._end("failed", e.exit_code, str(e))
-        except Exception as e:  # a bug: said in the log, the service and the other jobs go on
-            traceback.print_exc()
-            return self._end("failed", EXIT_INTERNAL, f"internal error ({type(e).__name__}: {e})")
+        if not self._survived(self.future.result):
+            return
         setup = self.setup
         self.monitor = self.run.monitor = self.members.monitor = self.monitor_for(setup)
         self.shards = Shards(self.members, self.log, self.monitor, self.wire,
@@ -156,12 +151,23 @@ class JobRun:
             self._closed()
         if self.phase != "running":
             return
+        self._survived(self._advance)
+
+    def _survived(self, step) -> bool:
+        """Run `step`; a failure ends the job (diverged, failed, or failed by a bug, said
+        with its traceback in the log), never the service or another job."""
         try:
-            self._advance()
+            step()
+            return True
         except DivergedError as e:
             self._end("diverged", e.exit_code, str(e), checkpoint=False)
         except DDPError as e:
-            self._end("failed", e.exit_code, str(e))
+            self._end("failed", e.exit_code, str(e), checkpoint=self.phase == "running")
+        except Exception as e:
+            traceback.print_exc()
+            self._end("failed", EXIT_INTERNAL, f"internal error ({type(e).__name__}: {e})",
+                      checkpoint=False)
+        return False
 
     def _advance(self) -> None:
         run, shards = self.run, self.shards
@@ -191,10 +197,7 @@ class JobRun:
     def result(self, member: Member, msg: dict, frames: list) -> None:
         if self.phase != "running":
             return self.members.drop("stale")
-        try:
-            self.shards.result(member, msg, frames)
-        except DivergedError as e:
-            self._end("diverged", e.exit_code, str(e), checkpoint=False)
+        self._survived(lambda: self.shards.result(member, msg, frames))
 
     def check_deadlines(self, now: float) -> None:
         if self.phase == "running" and self.in_flight:
@@ -227,14 +230,9 @@ class JobRun:
         return summary
 
     def _closed(self) -> None:
-        try:
-            summary = self.future.result()
-        except DDPError as e:
-            return self._end("failed", e.exit_code, str(e), checkpoint=False)
-        except Exception as e:
-            traceback.print_exc()
-            return self._end("failed", EXIT_INTERNAL, f"internal error ({type(e).__name__}: {e})",
-                             checkpoint=False)
+        if not self._survived(self.future.result):
+            return
+        summary = self.future.result()
         self.record.step = summary["steps"]
         if self.ending is None:
             self.record.loss, self.record.accuracy = summary["final_loss"], summary["train_accuracy"]

@@ -51,7 +51,6 @@ class Service:
         self.scheduler = Scheduler(cfg, log, self.store, self.pool, self.executor, metrics)
         self.records, self.jobs = self.scheduler.records, self.scheduler.jobs
         self.requests = Requests(self)
-        self.started = time.time()
         self.last_publish = 0.0
         queued = sum(r.state == "queued" for r in self.records.values())
         log.info(f"service on {self.endpoint}{' (CURVE)' if keys else ''}, state in {cfg.state_dir}: "
