@@ -91,7 +91,8 @@ class Client:
         from ddp import protocol
         from ddp.worker.connection import Unreachable, ask
 
-        frames = ask(self.endpoint, protocol.encode("request", op=op, args=args), self.keys, self.timeout)
+        frames = ask(self.endpoint, protocol.encode("request", op=op, args=args), self.keys,
+                     self.timeout, who="client")
         try:
             msg = protocol.decode(frames[0], protocol.TO_CLIENT | {"refuse", "rejoin"},
                                   protocol.MAX_REPLY_HEADER)

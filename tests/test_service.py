@@ -256,6 +256,12 @@ def test_keys_have_one_role_each(tmp_path, procs):  # noqa: F811
     service.worker(*as_worker)
     assert service.job("wait", job_id, keys=as_client).returncode == 0
     assert service.job("list", keys=as_worker).returncode == 2
+    # a client key the service does not list is refused in the handshake, and told where keys go
+    assert run_keygen([str(tmp_path / "other"), "--client", "eve"]) == 0
+    stranger = service.job("list", keys=["--curve-secret", str(tmp_path / "other" / "eve.key_secret"),
+                                         "--server-key", str(keys / "coordinator.key")])
+    assert stranger.returncode == 2
+    assert "client's key" in stranger.stderr and "--client-keys" in stranger.stderr, stranger.stderr
 
 
 def test_the_service_refuses_training_flags_and_a_corrupt_record_is_reported(tmp_path, procs):  # noqa: F811

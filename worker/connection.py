@@ -26,11 +26,14 @@ class Unreachable(DDPError):
     exit_code = EXIT_UNREACHABLE
 
 
-def handshake_error(event: int, endpoint: str, curve: bool, failures: int) -> str | None:
-    """The error to stop with after a failed security handshake (None: retry)."""
+def handshake_error(event: int, endpoint: str, curve: bool, failures: int,
+                    who: str = "worker") -> str | None:
+    """The error to stop with after a failed security handshake (None: retry). `who`:
+    "worker", or "client" (ddp-job), whose keys a service lists in --client-keys."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (f"the coordinator at {endpoint} refused this worker's key: add its public key "
-                f"to the coordinator's --authorized-keys directory")
+        where = "--client-keys" if who == "client" else "--authorized-keys"
+        return (f"the coordinator at {endpoint} refused this {who}'s key: add its public key "
+                f"to the coordinator's {where} directory")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return (f"security handshake with the coordinator at {endpoint} failed: both sides "
                 f"need CURVE keys (--curve-secret, --server-key) or neither")
@@ -133,7 +136,8 @@ class Connection:
                 raise UsageError(message)
 
 
-def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0) -> list[bytes]:
+def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0,
+        who: str = "worker") -> list[bytes]:
     """Send one message to a coordinator and return the frames of its answer (a client's
     round trip: `ddp-worker --status`, `ddp-job`). Unreachable when nothing answers within
     `timeout` seconds; UsageError when the CURVE handshake says why it never will."""
@@ -153,7 +157,7 @@ def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0) -> list[b
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)["event"]
                 failures += event != zmq.EVENT_HANDSHAKE_SUCCEEDED
-                message = handshake_error(event, endpoint, keys is not None, failures)
+                message = handshake_error(event, endpoint, keys is not None, failures, who)
                 if message:
                     raise UsageError(message)
             if time.monotonic() > deadline:
