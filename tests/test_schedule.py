@@ -309,3 +309,16 @@ def test_a_resumed_early_stopping_run_stops_where_an_uninterrupted_one_stops(tmp
     assert "resuming from" in again.stderr
     _assert_same(_params(tmp_path / "again.npz"), _params(tmp_path / "ref.npz"), atol=0)
     assert math.isfinite(got["best_val_loss"])
+
+
+def test_a_service_job_takes_the_schedule_keys(tmp_path):
+    from ddp.errors import UsageError
+    from ddp.jobspec import run_config
+
+    keys = {"lr_schedule": "cosine", "warmup_steps": 5, "lr_min": 0.001, "val_fraction": 0.2,
+            "eval_every": 10, "lr_plateau_patience": 2, "lr_plateau_factor": 0.5,
+            "early_stopping": 3, "min_delta": 0.001}
+    cfg = run_config(keys, str(tmp_path))
+    assert {k: getattr(cfg, k) for k in keys} == keys
+    with pytest.raises(UsageError, match="--early-stopping needs validation data"):
+        run_config({"early_stopping": 3, "eval_every": 10}, str(tmp_path))
