@@ -148,7 +148,7 @@ class Run:
         """The root: parameters and optimizer state from a checkpoint, --init or the
         seed (then shared by the exchange); the step to start from."""
         return load_start(self.setup, self.log, self.params, self.opt, self.series,
-                          lambda found: self.control.restore(found.meta, found.extra))
+                          lambda found: self.control.restore(found.meta, found.extra, found.path))
 
     def begin(self, step: int) -> None:
         """Train from `step` on."""
@@ -310,7 +310,8 @@ def final_pass(run: Run, signum: int) -> tuple[float, float | None]:
     evaluated on the training and validation data and written; (loss, accuracy) on
     the training data."""
     cfg, log = run.cfg, run.log
-    run._set_state("evaluating")
+    if run.monitor is not None:
+        run.monitor.set_state("evaluating")
     params = run.control.final_params(run.params)
     if params is not run.params:
         log.info(run.control.kept_line(run.step))

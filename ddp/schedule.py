@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from .errors import DataError
+
 SCHEDULES = ("constant", "step", "cosine", "linear")
 PLATEAU_THRESHOLD = 1e-4  # relative, as torch.optim.lr_scheduler.ReduceLROnPlateau's default
 # the defaults of --lr-gamma and --lr-plateau-factor: torch's StepLR and ReduceLROnPlateau's
@@ -201,15 +203,21 @@ class RateControl:
         """The checkpoint's extra arrays: the best parameters under early stopping."""
         return {"best_params": self.early.best} if self.early is not None else {}
 
-    def restore(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    def restore(self, meta: dict, arrays: dict[str, np.ndarray], where: str = "checkpoint") -> None:
         """The state of a checkpoint's `meta` and extra `arrays` (written by a run of
-        the same config; what it lacks keeps its initial value)."""
-        if self.plateau is not None and "lr_plateau" in meta:
-            self.plateau.load(_floats(meta["lr_plateau"]))
-        if self.early is not None and "early_stopping" in meta:
-            self.early.load(_floats(meta["early_stopping"]))
-            if "best_params" in arrays and arrays["best_params"].shape == self.early.best.shape:
-                self.early.best[...] = arrays["best_params"]
+        the same config; what it lacks keeps its initial value). DataError naming
+        `where` if that state is malformed."""
+        try:
+            if self.plateau is not None and "lr_plateau" in meta:
+                self.plateau.load(_floats(meta["lr_plateau"], 3))
+            if self.early is not None and "early_stopping" in meta:
+                self.early.load(_floats(meta["early_stopping"], 4))
+                best = arrays.get("best_params")
+                if best is not None and best.shape == self.early.best.shape:
+                    self.early.best[...] = best
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DataError(f"{where}: its schedule or early-stopping state is malformed ({e}); "
+                            f"use --no-resume to start over")
 
     def share_(self, sum_, root: bool) -> None:
         """The root's state on every process through `sum_` (an in-place sum over the
@@ -234,7 +242,10 @@ def _json_floats(values: list[float]) -> list[float | None]:
     return [None if math.isinf(v) else v for v in values]
 
 
-def _floats(values) -> list[float]:
+def _floats(values, n: int) -> list[float]:
+    """`n` numbers from a checkpoint's JSON list (None: inf)."""
+    if not isinstance(values, list) or len(values) != n:
+        raise ValueError(f"expected a list of {n} numbers, got {str(values)[:40]}")
     return [math.inf if v is None else float(v) for v in values]
 
 

@@ -322,3 +322,18 @@ def test_a_service_job_takes_the_schedule_keys(tmp_path):
     assert {k: getattr(cfg, k) for k in keys} == keys
     with pytest.raises(UsageError, match="--early-stopping needs validation data"):
         run_config({"early_stopping": 3, "eval_every": 10}, str(tmp_path))
+
+
+def test_a_checkpoint_with_malformed_early_stopping_state_is_one_line_error(tmp_path):
+    from helpers import one_error_line
+
+    d = str(tmp_path / "ck")
+    args = EARLY + ["--steps", "20", "--checkpoint-dir", d, "--checkpoint-every", "10"]
+    _ok(train_here(args))
+    found = ckpt.read_checkpoint(ckpt.checkpoint_path(d, 20))
+    meta = dict(found.meta, early_stopping=["x", 1, 2])
+    ckpt.save_checkpoint(d, 20, found.params, found.velocity, meta, found.extra)
+    res = train_here(args[:args.index("20")] + ["30"] + args[args.index("20") + 1:])
+    assert res.returncode != 0
+    line = one_error_line(res.stderr)
+    assert "ckpt-00000020.npz" in line and "early-stopping state is malformed" in line
