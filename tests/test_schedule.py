@@ -4,13 +4,20 @@ exact resumes."""
 import json
 import math
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
+from prometheus_client.exposition import generate_latest
 
-from helpers import expect_error, load_model, read_json, train
+from helpers import (_env, expect_error, kill_tree, load_model, one_error_line, read_json, train,
+                     train_cmd, unstamped)
 from ddp import checkpoint as ckpt
-from ddp.monitor import Monitor
+from ddp.errors import UsageError
+from ddp.jobspec import run_config
+from ddp.monitor import Monitor, prometheus
 from ddp.schedule import EarlyStopping, Plateau, scheduled_lr
 from inproc import train_here
 
@@ -149,10 +156,6 @@ def test_a_checkpoint_keeps_its_extra_arrays_under_the_checksum(tmp_path):
 
 
 def test_the_gauge_shows_the_rate_the_loop_set():
-    from prometheus_client.exposition import generate_latest
-
-    from ddp.monitor import prometheus
-
     monitor = Monitor(backend="mpi", total_steps=10, layers=[2, 3], parameters=9, lr=0.1,
                       classify=True)
     monitor.lr = 0.0375
@@ -312,9 +315,6 @@ def test_a_resumed_early_stopping_run_stops_where_an_uninterrupted_one_stops(tmp
 
 
 def test_a_service_job_takes_the_schedule_keys(tmp_path):
-    from ddp.errors import UsageError
-    from ddp.jobspec import run_config
-
     keys = {"lr_schedule": "cosine", "warmup_steps": 5, "lr_min": 0.001, "val_fraction": 0.2,
             "eval_every": 10, "lr_plateau_patience": 2, "lr_plateau_factor": 0.5,
             "early_stopping": 3, "min_delta": 0.001}
@@ -325,8 +325,6 @@ def test_a_service_job_takes_the_schedule_keys(tmp_path):
 
 
 def test_a_checkpoint_with_malformed_early_stopping_state_is_one_line_error(tmp_path):
-    from helpers import one_error_line
-
     d = str(tmp_path / "ck")
     args = EARLY + ["--steps", "20", "--checkpoint-dir", d, "--checkpoint-every", "10"]
     _ok(train_here(args))
@@ -337,3 +335,40 @@ def test_a_checkpoint_with_malformed_early_stopping_state_is_one_line_error(tmp_
     assert res.returncode != 0
     line = one_error_line(res.stderr)
     assert "ckpt-00000020.npz" in line and "early-stopping state is malformed" in line
+
+
+def test_a_run_interrupted_by_sigterm_resumes_with_schedule_plateau_and_early_stopping(tmp_path):
+    d = str(tmp_path / "ck")
+    # stops early near step 860 of 3000, after plateau reductions, on any number of ranks
+    args = ["--data", "spiral", "--layers", "2,128,128,3", "--dtype", "float64", "--steps", "3000",
+            "--val-fraction", "0.2", "--eval-every", "10", "--lr-schedule", "cosine",
+            "--warmup-steps", "100", "--lr-min", "0.001", "--lr-plateau-patience", "5",
+            "--lr-plateau-factor", "0.5", "--early-stopping", "60", "--log-every", "1",
+            "--progress", "never", "--checkpoint-every", "100000"]
+    _ok(train_here(args + ["--output", tmp_path / "ref.npz", "--summary-json", tmp_path / "ref.json"]))
+    mine = args + ["--checkpoint-dir", d, "--output", str(tmp_path / "res.npz"),
+                   "--summary-json", str(tmp_path / "res.json")]
+    proc = subprocess.Popen(train_cmd(mine, n=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=_env(), stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:  # wait until training is under way
+            if unstamped(line).startswith("step 20/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    (stopped_at, _), = ckpt.list_checkpoints(d)
+    ref = read_json(tmp_path / "ref.json")
+    assert 20 <= stopped_at < ref["steps"]
+    res = _ok(train(mine, n=2))
+    assert f"step {stopped_at}" in res.stderr
+    got = read_json(tmp_path / "res.json")
+    assert (got["steps"], got["best_step"], got["stopped_early"]) == (ref["steps"], ref["best_step"], True)
+    assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+    _assert_same(_params(tmp_path / "res.npz"), _params(tmp_path / "ref.npz"))
