@@ -281,7 +281,7 @@ class Run:
             self.log.info(stopped_line(stop.signum, step, total, cfg.checkpoint_dir))
         final_loss = train_acc = None
         if not interrupted:  # a stopped job exits promptly: no final pass over the data
-            final_loss, train_acc = final_pass(self, stop.signum)
+            final_loss, train_acc = final_pass(self, stop)
         return {
             "steps": step,
             "total_steps": total,
@@ -305,10 +305,10 @@ class Run:
         }
 
 
-def final_pass(run: Run, signum: int) -> tuple[float, float | None]:
+def final_pass(run: Run, stop: StopRequest) -> tuple[float, float | None]:
     """A complete run's end: the model (the best parameters under early stopping)
     evaluated on the training and validation data and written; (loss, accuracy) on
-    the training data."""
+    the training data. A signal that arrives meanwhile is only reported (`stop`)."""
     cfg, log = run.cfg, run.log
     if run.monitor is not None:
         run.monitor.set_state("evaluating")
@@ -323,8 +323,8 @@ def final_pass(run: Run, signum: int) -> tuple[float, float | None]:
     if run.rank == 0 and cfg.output:
         ckpt.save_model(cfg.output, run.layout, params, model_config(run.setup))
         log.info(f"model written to {cfg.output}")
-    if signum:  # the run was complete: nothing to resume, so it exits 0
-        log.info(f"{signal.Signals(signum).name} arrived after the last step: the run finished "
+    if stop.signum:  # the run was complete: nothing to resume, so it exits 0
+        log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: the run finished "
                  f"its evaluation{' and model' * bool(cfg.output)} and exits 0")
     return final_loss, train_acc
 
