@@ -20,6 +20,7 @@ from ddp.errors import DivergedError
 from ddp.log import Log, human_bytes
 from ddp.monitor import Monitor, StepTotals
 from ddp.optim import make_optimizer
+from ddp.schedule import RateControl
 from ddp.setup import Setup
 from ddp.signals import StopRequest
 from ddp.worker.compute import ShardCompute
@@ -131,6 +132,7 @@ class Run:
         self.opt = make_optimizer(cfg, layout, exchange.optimizer_state)
         self.params = exchange.params
         self.params_views = layout.views(self.params)
+        self.control = RateControl(cfg, setup.total_steps, self.params)  # lr, plateau, early stop
         self.series = ckpt.Series(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.total = setup.total_steps
         self.spe = setup.schedule.steps_per_epoch
@@ -145,17 +147,20 @@ class Run:
     def load_start(self) -> int:
         """The root: parameters and optimizer state from a checkpoint, --init or the
         seed (then shared by the exchange); the step to start from."""
-        return load_start(self.setup, self.log, self.params, self.opt, self.series)
+        return load_start(self.setup, self.log, self.params, self.opt, self.series,
+                          lambda found: self.control.restore(found.meta, found.extra, found.path))
 
     def begin(self, step: int) -> None:
         """Train from `step` on."""
         self.step = self.start_step = step
         self.log_every = self.cfg.log_every or max(1, (self.total - step) // 20)
         self.steady = SteadyRate(step, self.total)
+        if step and self.world_size > 1:  # resumed: only the root read the checkpoint
+            self.control.share_(self.exchange.sum_, self.rank == 0)
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total
+        return self.step >= self.total or self.control.stopped
 
     def start_clock(self) -> None:
         self.log.start_progress(self.cfg.progress, self.total, self.start_step)
@@ -188,6 +193,9 @@ class Run:
         gradient-exchange seconds."""
         self.check_loss(loss_sum, n_samples)
         monitor = self.monitor
+        self.opt.lr = self.control.lr(self.step)
+        if monitor is not None:
+            monitor.lr = self.opt.lr
         norm = self.exchange.apply_(self.opt, n_samples,
                                     monitor.window_due if monitor is not None else None)
         if norm is not None and monitor is not None:  # measured when the metrics want it
@@ -205,11 +213,12 @@ class Run:
             te = time.perf_counter()
             self._set_state("evaluating")
             self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
+            self.control.evaluated(step, self.val_loss, self.params)  # plateau, early stopping
             if monitor is not None:
                 monitor.evaluated(step, self.val_loss, self.val_acc)
                 monitor.set_state("training")
             self.t_eval += time.perf_counter() - te
-        if step % self.log_every == 0 or step == self.total:
+        if step % self.log_every == 0 or self.done:
             self._log_line()
         self.log.advance()
         if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
@@ -237,7 +246,7 @@ class Run:
         if self.monitor is not None:
             self.monitor.event("step", step=self.step, epoch=self.step / self.spe, loss=loss,
                                accuracy=accuracy, val_loss=self.val_loss, val_accuracy=self.val_acc,
-                               samples_per_second=samples_per_second,
+                               samples_per_second=samples_per_second, lr=self.opt.lr,
                                step_seconds=totals.step_seconds,
                                compute_seconds=totals.compute_seconds,
                                exchange_seconds=totals.exchange_seconds)
@@ -246,13 +255,15 @@ class Run:
     def meta(self) -> dict:
         epoch, k = divmod(self.step, self.spe)
         return {"epoch": epoch, "batch_in_epoch": k, "world_size": self.world_size,
-                "config": self.cfg.to_dict(), "data_fingerprint": self.setup.fingerprint()}
+                "config": self.cfg.to_dict(), "data_fingerprint": self.setup.fingerprint(),
+                **self.control.meta()}
 
     def write_checkpoint(self) -> None:
         if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
             self.last_checkpoint = self.step
             self._set_state("checkpointing")
-            path = self.series.save(self.step, self.params, self.opt.velocity, self.meta())
+            path = self.series.save(self.step, self.params, self.opt.velocity, self.meta(),
+                                    self.control.arrays())
             self.log.info(f"checkpoint {path}")
             if self.monitor is not None:
                 self.monitor.checkpointed(self.step, path)
@@ -264,24 +275,13 @@ class Run:
         train_seconds = self.train_seconds()
         steady = self.steady.result(self.step, self.t_eval, self.samples)
         cfg, step, total = self.cfg, self.step, self.total
-        interrupted = step < total
+        interrupted = not self.done
         self.write_checkpoint()
         if interrupted:
             self.log.info(stopped_line(stop.signum, step, total, cfg.checkpoint_dir))
         final_loss = train_acc = None
         if not interrupted:  # a stopped job exits promptly: no final pass over the data
-            self._set_state("evaluating")
-            final_loss, train_acc = self.evaluate(self.setup.train, self.params_views)
-            final_loss += self.opt.l2_penalty(self.params)
-            if self.setup.val is not None:
-                self.val_loss, self.val_acc = self.evaluate(self.setup.val, self.params_views)
-            if self.rank == 0 and cfg.output:
-                ckpt.save_model(cfg.output, self.layout, self.params, model_config(self.setup))
-                self.log.info(f"model written to {cfg.output}")
-            if stop.signum:  # the run was complete: nothing to resume, so it exits 0
-                self.log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: "
-                              f"the run finished its evaluation{' and model' * bool(cfg.output)} "
-                              f"and exits 0")
+            final_loss, train_acc = final_pass(self, stop)
         return {
             "steps": step,
             "total_steps": total,
@@ -300,8 +300,33 @@ class Run:
             "layers": list(self.layout.layers),
             "parameters": self.layout.size,
             "dtype": cfg.dtype,
+            **self.control.summary(),
             **(extra or {}),
         }
+
+
+def final_pass(run: Run, stop: StopRequest) -> tuple[float, float | None]:
+    """A complete run's end: the model (the best parameters under early stopping)
+    evaluated on the training and validation data and written; (loss, accuracy) on
+    the training data. A signal that arrives meanwhile is only reported (`stop`)."""
+    cfg, log = run.cfg, run.log
+    if run.monitor is not None:
+        run.monitor.set_state("evaluating")
+    params = run.control.final_params(run.params)
+    if params is not run.params:
+        log.info(run.control.kept_line(run.step))
+    views = run.layout.views(params)
+    final_loss, train_acc = run.evaluate(run.setup.train, views)
+    final_loss += run.opt.l2_penalty(params)
+    if run.setup.val is not None:
+        run.val_loss, run.val_acc = run.evaluate(run.setup.val, views)
+    if run.rank == 0 and cfg.output:
+        ckpt.save_model(cfg.output, run.layout, params, model_config(run.setup))
+        log.info(f"model written to {cfg.output}")
+    if stop.signum:  # the run was complete: nothing to resume, so it exits 0
+        log.info(f"{signal.Signals(stop.signum).name} arrived after the last step: the run finished "
+                 f"its evaluation{' and model' * bool(cfg.output)} and exits 0")
+    return final_loss, train_acc
 
 
 def _who(s: dict) -> str:
@@ -320,6 +345,8 @@ def summary_text(s: dict) -> str:
     if s["val_loss"] is not None:
         val = f", val loss {s['val_loss']:.4f}" + (
             "" if s["val_accuracy"] is None else f" accuracy {s['val_accuracy']:.4f}")
+    if s.get("stopped_early"):
+        val += f", stopped early (the model is step {s['best_step']}'s)"
     if s.get("backend") == "zmq":
         exchange = f"{human_bytes(s['bytes_per_step'])} sent+received per step"
     else:

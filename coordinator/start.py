@@ -88,15 +88,18 @@ def _resume_or_start_over(setup: Setup, series: ckpt.Series, log: Log,
 
 
 def load_start(setup: Setup, log: Log, params: np.ndarray, opt,
-               series: ckpt.Series | None) -> int:
+               series: ckpt.Series | None, restore=None) -> int:
     """Fill `params` and the optimizer's state from a checkpoint, --init or the seed;
     the step to start from. `series` (with --checkpoint-dir) learns which checkpoints
-    the run may prune."""
+    the run may prune; `restore(checkpoint)`, if given, takes the rest of a resumed
+    checkpoint's state."""
     cfg = setup.cfg
     check_writable(cfg)
     found = _resume_or_start_over(setup, series, log, params) if series is not None else None
     if found is not None:
         params[...], opt.velocity[...] = found.params, found.velocity
+        if restore is not None:
+            restore(found)
         log.info(f"resuming from {found.path} at step {found.step}")
         return found.step
     if cfg.init:

@@ -1,8 +1,9 @@
 """Checkpoints and model files: written atomically, read back only after validation.
 
 A checkpoint `ckpt-00000500.npz` holds the flat parameter and momentum buffers,
-a JSON `meta` string (step, epoch, position in the epoch, resolved config) and
-a SHA-256 `checksum` over all three. A model file holds `W0, b0, W1, …` and a
+a JSON `meta` string (step, epoch, position in the epoch, resolved config),
+optional extra arrays `extra_<name>` (the best parameters under early stopping) and
+a SHA-256 `checksum` over all of them. A model file holds `W0, b0, W1, …` and a
 JSON `config` string, so it is usable on its own. Nothing is ever unpickled.
 """
 from __future__ import annotations
@@ -140,13 +141,21 @@ class Checkpoint:
     params: np.ndarray
     velocity: np.ndarray
     meta: dict
+    extra: dict = field(default_factory=dict)  # name → array, from the extra_<name> entries
 
 
-def _checksum(params: np.ndarray, velocity: np.ndarray, meta_json: str) -> str:
+EXTRA_PREFIX = "extra_"
+
+
+def _checksum(params: np.ndarray, velocity: np.ndarray, meta_json: str,
+              extra: dict | None = None) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(params).tobytes())
     h.update(np.ascontiguousarray(velocity).tobytes())
     h.update(meta_json.encode())
+    for name in sorted(extra or {}):  # none: the checksum of a checkpoint without extras
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(extra[name]).tobytes())
     return h.hexdigest()
 
 
@@ -167,8 +176,9 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.ndarray,
-                    meta: dict) -> str:
-    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series)."""
+                    meta: dict, extra: dict | None = None) -> str:
+    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series);
+    `extra` arrays are stored as extra_<name>."""
     meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time())
     meta_json = json.dumps(meta, sort_keys=True)
     path = checkpoint_path(directory, step)
@@ -176,7 +186,8 @@ def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.
         os.makedirs(directory, exist_ok=True)
         atomic_savez(path, {
             "params": params, "velocity": velocity, "meta": np.array(meta_json),
-            "checksum": np.array(_checksum(params, velocity, meta_json)),
+            "checksum": np.array(_checksum(params, velocity, meta_json, extra)),
+            **{EXTRA_PREFIX + name: a for name, a in (extra or {}).items()},
         })
     except OSError as e:
         raise OutputError(f"cannot write checkpoint {path}: {e.strerror or e}")
@@ -228,8 +239,9 @@ class Series:
                               f"{aside} ({e.strerror or e})")
         return aside, sorted(s for s, _ in found)
 
-    def save(self, step: int, params: np.ndarray, velocity: np.ndarray, meta: dict) -> str:
-        path = save_checkpoint(self.directory, step, params, velocity, meta)
+    def save(self, step: int, params: np.ndarray, velocity: np.ndarray, meta: dict,
+             extra: dict | None = None) -> str:
+        path = save_checkpoint(self.directory, step, params, velocity, meta, extra)
         if path in self.owned:
             self.owned.remove(path)
         self.owned.append(path)
@@ -264,7 +276,8 @@ def read_checkpoint(path: str) -> Checkpoint:
             raise ValueError(f"missing {key!r}")
     params, velocity = z["params"], z["velocity"]
     meta_json, checksum = str(z["meta"]), str(z["checksum"])
-    if _checksum(params, velocity, meta_json) != checksum:
+    extra = {k[len(EXTRA_PREFIX):]: a for k, a in z.items() if k.startswith(EXTRA_PREFIX)}
+    if _checksum(params, velocity, meta_json, extra) != checksum:
         raise ValueError("checksum mismatch")
     try:
         meta = json.loads(meta_json)
@@ -275,7 +288,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int) \
             or params.ndim != 1 or params.shape != velocity.shape:
         raise ValueError("not a ddp-train checkpoint")
-    return Checkpoint(path, meta["step"], params, velocity, meta)
+    return Checkpoint(path, meta["step"], params, velocity, meta, extra)
 
 
 def latest_checkpoint(directory: str, warn) -> Checkpoint | None:

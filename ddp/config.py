@@ -67,6 +67,29 @@ class Config:
     max_loss: float | None = _opt("stop as on a NaN loss (exit 3, the last good checkpoint kept) "
                                   "when the mean loss of a global batch exceeds X (default: off)",
                                   metavar="X", default=None)
+    # learning-rate schedule and evaluation-driven decisions (ddp.schedule)
+    lr_schedule: str = _opt("the rate over the run, after warmup: constant, step (× --lr-gamma "
+                            "every --lr-step-every updates), cosine or linear (down to --lr-min "
+                            "at the last update)", metavar="{constant,step,cosine,linear}",
+                            default="constant")
+    warmup_steps: int = _opt("the first W updates' rate rises linearly: × (t+1)/W", metavar="W",
+                             default=0)
+    lr_min: float = _opt("cosine, linear: the rate at the end", default=0.0)
+    lr_step_every: int | None = _opt("step: updates between reductions of the rate", metavar="K",
+                                     default=None)
+    lr_gamma: float | None = _opt("step: the factor of each reduction (default: 0.1)", metavar="G",
+                                  default=None)
+    lr_plateau_patience: int | None = _opt(
+        "multiply the rate by --lr-plateau-factor when the validation loss has not improved "
+        "(relative 1e-4) for more than P evaluations, as ReduceLROnPlateau (default: off)",
+        metavar="P", default=None)
+    lr_plateau_factor: float | None = _opt("with --lr-plateau-patience: the factor, in (0, 1) "
+                                           "(default: 0.1)", metavar="F", default=None)
+    early_stopping: int | None = _opt("stop after N evaluations without a validation loss lower "
+                                      "than the best by more than --min-delta; the model is the "
+                                      "best one (default: off)", metavar="N", default=None)
+    min_delta: float | None = _opt("with --early-stopping: the least improvement (default: 0)",
+                                   metavar="D", default=None)
     # evaluation and output
     eval_every: int = _opt("evaluate on the validation data every K steps (0: at the end only)",
                            default=0)

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from .errors import UsageError
 from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
+from .schedule import SCHEDULES
 
 DTYPES = ("float32", "float64")
 
@@ -26,7 +27,9 @@ MAX_SECONDS = 1e7             # --worker-timeout, --shard-timeout, --stall-timeo
 
 _MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epochs", "seed",
                                          "eval_every", "log_every", "checkpoint_every",
-                                         "min_workers", "max_running")}
+                                         "min_workers", "max_running", "warmup_steps",
+                                         "lr_step_every", "lr_plateau_patience",
+                                         "early_stopping")}
 _MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
                worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
 
@@ -41,6 +44,7 @@ def validate(cfg) -> None:
     _check_bounds(cfg)
     _check_choices(cfg)
     _check_run(cfg)
+    _check_schedule(cfg)
     _check_zmq(cfg)
     _check_observability(cfg)
     _check_paths(cfg)
@@ -108,6 +112,41 @@ def _check_run(cfg) -> None:
     _need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
           f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
     _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+
+
+def _check_schedule(cfg) -> None:
+    """The learning-rate schedule, the plateau and early stopping (ddp.schedule)."""
+    _need(cfg.lr_schedule in SCHEDULES,
+          f"--lr-schedule {cfg.lr_schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    _need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    _need(0 <= cfg.lr_min <= cfg.lr, f"--lr-min must be in [0, --lr {cfg.lr:g}], got {cfg.lr_min}")
+    step = cfg.lr_schedule == "step"
+    _need(step or (cfg.lr_step_every is None and cfg.lr_gamma is None),
+          "--lr-step-every and --lr-gamma apply to --lr-schedule step only")
+    _need(not step or cfg.lr_step_every is not None,
+          "--lr-schedule step needs --lr-step-every K (updates between reductions)")
+    _need(cfg.lr_step_every is None or cfg.lr_step_every >= 1,
+          f"--lr-step-every must be a positive integer, got {cfg.lr_step_every}")
+    _need(cfg.lr_gamma is None or 0 < cfg.lr_gamma <= 1,
+          f"--lr-gamma must be in (0, 1], got {cfg.lr_gamma}")
+    _need(cfg.lr_plateau_patience is None or cfg.lr_plateau_patience >= 1,
+          f"--lr-plateau-patience must be a positive integer, got {cfg.lr_plateau_patience}")
+    _need(cfg.lr_plateau_factor is None or cfg.lr_plateau_patience is not None,
+          "--lr-plateau-factor goes with --lr-plateau-patience P")
+    _need(cfg.lr_plateau_factor is None or 0 < cfg.lr_plateau_factor < 1,
+          f"--lr-plateau-factor must be in (0, 1), got {cfg.lr_plateau_factor}")
+    _need(cfg.early_stopping is None or cfg.early_stopping >= 1,
+          f"--early-stopping must be a positive integer, got {cfg.early_stopping}")
+    _need(cfg.min_delta is None or cfg.early_stopping is not None,
+          "--min-delta goes with --early-stopping N")
+    _need(cfg.min_delta is None or (cfg.min_delta >= 0 and _finite(cfg.min_delta)),
+          f"--min-delta must be a number >= 0, got {cfg.min_delta}")
+    for flag, given in (("--lr-plateau-patience", cfg.lr_plateau_patience is not None),
+                        ("--early-stopping", cfg.early_stopping is not None)):
+        _need(not given or cfg.val_data or cfg.val_fraction > 0,
+              f"{flag} needs validation data: give --val-data or --val-fraction")
+        _need(not given or cfg.eval_every > 0,
+              f"{flag} decides at evaluations: give --eval-every K")
 
 
 def _check_zmq(cfg) -> None:

@@ -66,6 +66,15 @@ class Monitor:
     def grad_norm(self, value: float) -> None:
         self.run.grad_norm = value
 
+    @property
+    def lr(self) -> float:
+        """The learning rate in use (set by the loop before each update)."""
+        return self.run.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.run.lr = value
+
     def step_done(self, step: int, n: int, loss_sum: float, correct: float,
                   t_step: float, t_compute: float, t_exchange: float) -> None:
         self.run.step_done(step, n, loss_sum, correct, t_step, t_compute, t_exchange)

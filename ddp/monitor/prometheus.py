@@ -104,7 +104,7 @@ class Collector:
         if run.classify:
             yield _gauge("ddp_val_accuracy", "Validation accuracy at the last evaluation",
                          values["val_acc"])
-        yield _gauge("ddp_learning_rate", "SGD learning rate", run.lr)
+        yield _gauge("ddp_learning_rate", "Learning rate of the last update (as scheduled)", run.lr)
         yield _gauge("ddp_grad_norm", "L2 norm of the averaged gradient (sampled once a second)",
                      values["grad_norm"])
         yield from self._worker_gauges()
