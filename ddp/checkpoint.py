@@ -1,8 +1,10 @@
 """Checkpoints and model files: written atomically, read back only after validation.
 
-A checkpoint `ckpt-00000500.npz` holds the flat parameter and momentum buffers,
-a JSON `meta` string (step, epoch, position in the epoch, resolved config) and
-a SHA-256 `checksum` over all three. A model file holds `W0, b0, W1, …` and a
+A checkpoint `ckpt-00000500.npz` holds the flat parameters, each slot of optimizer
+state under its name (SGD's `velocity`: what readers before Adam expect; Adam's
+`exp_avg`, `exp_avg_sq`), a JSON `meta` string (step, epoch, position in it, config,
+`optimizer`: kind, slot names, step count t; without it: SGD's velocity at t = step)
+and a SHA-256 `checksum` over the parameters, the slots in order and the meta. A model file holds `W0, b0, W1, …` and a
 JSON `config` string, so it is usable on its own. Nothing is ever unpickled.
 """
 from __future__ import annotations
@@ -133,19 +135,30 @@ def remove_stale_temporaries(directory: str, min_age: float = STALE_TMP_SECONDS)
 # --- checkpoints ----------------------------------------------------------------
 
 
+# what a checkpoint without an "optimizer" entry holds
+_OLD_OPTIMIZER = {"kind": "sgd", "slots": ["velocity"]}
+_RESERVED = ("params", "meta", "checksum")
+
+
 @dataclass
 class Checkpoint:
     path: str
     step: int
     params: np.ndarray
-    velocity: np.ndarray
+    state: np.ndarray  # (slots, params.size), in the order of optimizer["slots"]
     meta: dict
 
+    @property
+    def optimizer(self) -> dict:
+        """kind, slots (names) and t of the optimizer whose state this is."""
+        return self.meta.get("optimizer") or dict(_OLD_OPTIMIZER, t=self.step)
 
-def _checksum(params: np.ndarray, velocity: np.ndarray, meta_json: str) -> str:
+
+def _checksum(params: np.ndarray, state: np.ndarray, meta_json: str) -> str:
+    """Over the parameters, the state's slots in order (one slot: its flat array) and the meta."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(params).tobytes())
-    h.update(np.ascontiguousarray(velocity).tobytes())
+    h.update(np.ascontiguousarray(state).tobytes())
     h.update(meta_json.encode())
     return h.hexdigest()
 
@@ -166,17 +179,20 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.ndarray,
-                    meta: dict) -> str:
-    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series)."""
-    meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time())
+def save_checkpoint(directory: str, step: int, params: np.ndarray, state: np.ndarray,
+                    meta: dict, optimizer: dict) -> str:
+    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series).
+    `state` is the optimizer's (slots, size) arrays, `optimizer` its kind, slot names and t."""
+    assert len(optimizer["slots"]) == len(state), "one name per slot of state"
+    meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time(), optimizer=optimizer)
     meta_json = json.dumps(meta, sort_keys=True)
     path = checkpoint_path(directory, step)
+    slots = dict(zip(optimizer["slots"], state))
     try:
         os.makedirs(directory, exist_ok=True)
         atomic_savez(path, {
-            "params": params, "velocity": velocity, "meta": np.array(meta_json),
-            "checksum": np.array(_checksum(params, velocity, meta_json)),
+            "params": params, **slots, "meta": np.array(meta_json),
+            "checksum": np.array(_checksum(params, state, meta_json)),
         })
     except OSError as e:
         raise OutputError(f"cannot write checkpoint {path}: {e.strerror or e}")
@@ -228,8 +244,9 @@ class Series:
                               f"{aside} ({e.strerror or e})")
         return aside, sorted(s for s, _ in found)
 
-    def save(self, step: int, params: np.ndarray, velocity: np.ndarray, meta: dict) -> str:
-        path = save_checkpoint(self.directory, step, params, velocity, meta)
+    def save(self, step: int, params: np.ndarray, state: np.ndarray, meta: dict,
+             optimizer: dict) -> str:
+        path = save_checkpoint(self.directory, step, params, state, meta, optimizer)
         if path in self.owned:
             self.owned.remove(path)
         self.owned.append(path)
@@ -259,23 +276,41 @@ def read_checkpoint(path: str) -> Checkpoint:
         z = _read_npz(path)
     except ValueError as e:
         raise ValueError(f"unreadable ({e})")
-    for key in ("params", "velocity", "meta", "checksum"):
+    for key in _RESERVED:
         if key not in z:
             raise ValueError(f"missing {key!r}")
-    params, velocity = z["params"], z["velocity"]
-    meta_json, checksum = str(z["meta"]), str(z["checksum"])
-    if _checksum(params, velocity, meta_json) != checksum:
-        raise ValueError("checksum mismatch")
+    params, meta_json, checksum = z["params"], str(z["meta"]), str(z["checksum"])
     try:
         meta = json.loads(meta_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("its meta entry is not JSON")
     if not isinstance(meta, dict):
         raise ValueError("its meta entry is not a JSON object")
-    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int) \
-            or params.ndim != 1 or params.shape != velocity.shape:
+    names = _slot_names(meta.get("optimizer", _OLD_OPTIMIZER))
+    for name in names:
+        if name not in z:
+            raise ValueError(f"missing {name!r}")
+    slots = [z[name] for name in names]
+    if params.ndim != 1 or any(a.shape != params.shape or a.dtype != params.dtype for a in slots):
         raise ValueError("not a ddp-train checkpoint")
-    return Checkpoint(path, meta["step"], params, velocity, meta)
+    state = np.stack(slots)
+    if _checksum(params, state, meta_json) != checksum:
+        raise ValueError("checksum mismatch")
+    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int):
+        raise ValueError("not a ddp-train checkpoint")
+    return Checkpoint(path, meta["step"], params, state, meta)
+
+
+def _slot_names(opt) -> list[str]:
+    """The slot names of a checkpoint's `optimizer` entry, checked: it is untrusted input."""
+    if not isinstance(opt, dict):
+        opt = {}
+    names, t = opt.get("slots"), opt.get("t", 0 if opt is _OLD_OPTIMIZER else None)
+    if not (isinstance(opt.get("kind"), str) and isinstance(names, list) and names
+            and all(isinstance(n, str) and n not in _RESERVED for n in names)
+            and len(set(names)) == len(names) and type(t) is int and t >= 0):
+        raise ValueError("its meta entry's optimizer is not kind, slots and step count")
+    return names
 
 
 def latest_checkpoint(directory: str, warn) -> Checkpoint | None:

@@ -41,6 +41,7 @@ def validate(cfg) -> None:
     _check_bounds(cfg)
     _check_choices(cfg)
     _check_run(cfg)
+    _check_optimizer(cfg)
     _check_zmq(cfg)
     _check_observability(cfg)
     _check_paths(cfg)
@@ -108,6 +109,44 @@ def _check_run(cfg) -> None:
     _need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
           f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
     _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+
+
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+# options that mean something only to some optimizers, and those optimizers
+_OPTIMIZER_ONLY = {"betas": ("adam", "adamw"), "eps": ("adam", "adamw"),
+                   "weight_decay": ("adamw",), "nesterov": ("sgd",)}
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    """β₁,β₂ from "0.9,0.999": two numbers, each in [0, 1)."""
+    try:
+        betas = tuple(float(p) for p in str(text).split(","))
+    except ValueError:
+        betas = ()
+    _need(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+          f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {text!r}")
+    return betas
+
+
+def _check_optimizer(cfg) -> None:
+    """The optimizer's name, its own options only with it, and their values."""
+    _need(cfg.optimizer in OPTIMIZER_NAMES,
+          f"--optimizer {cfg.optimizer!r} is not one of: {', '.join(OPTIMIZER_NAMES)}")
+    for name, owners in _OPTIMIZER_ONLY.items():
+        value = getattr(cfg, name)
+        given = value is not None and value is not False
+        _need(not given or cfg.optimizer in owners,
+              f"--{name.replace('_', '-')} applies to --optimizer {' or '.join(owners)} only, "
+              f"not {cfg.optimizer}")
+    if cfg.betas is not None:
+        parse_betas(cfg.betas)
+    _need(cfg.eps is None or (cfg.eps > 0 and _finite(cfg.eps)),
+          f"--eps must be a positive number, got {cfg.eps}")
+    _need(cfg.weight_decay is None or (cfg.weight_decay >= 0 and _finite(cfg.weight_decay)),
+          f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
+    _need(not cfg.nesterov or cfg.momentum > 0, "--nesterov needs --momentum > 0")
+    _need(cfg.clip_norm is None or (cfg.clip_norm > 0 and _finite(cfg.clip_norm)),
+          f"--clip-norm must be a positive number, got {cfg.clip_norm}")
 
 
 def _check_zmq(cfg) -> None:
