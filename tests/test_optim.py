@@ -238,6 +238,21 @@ def test_adam_resumes_exactly_under_mpi(tmp_path, n, exchange):
         np.testing.assert_array_equal(resumed[k], whole[k], err_msg=k)
 
 
+def test_zmq_resumes_an_adam_checkpoint_of_mpi(tmp_path):
+    """The ZeroMQ coordinator loads the moments and the step count as ddp-train does."""
+    base = [*SPIRAL, *ADAM_CLIP, "--checkpoint-every", "5"]
+    whole = train_here(base + ["--steps", "20", "--output", tmp_path / "whole.npz"])
+    assert whole.returncode == 0, whole.stderr
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    assert train_here(base + ck + ["--steps", "10"]).returncode == 0
+    r = train(base + ck + ["--steps", "20", "--backend", "zmq", "--workers", "2",
+                           "--output", str(tmp_path / "zmq.npz")])
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    a, b = load_model(tmp_path / "whole.npz"), load_model(tmp_path / "zmq.npz")
+    for k in KEYS:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-10, err_msg=k)
+
+
 def test_sgd_checkpoints_keep_the_format_older_readers_read(tmp_path):
     """`velocity` and a checksum over params, velocity and meta, as before Adam; and a
     checkpoint written then (no optimizer entry in its meta) resumes an SGD run exactly."""
