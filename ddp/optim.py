@@ -185,11 +185,12 @@ class Adam(Optimizer):
         v -= g
         v *= self.beta2
         v += g
+        # m / (√v / √bc₂ + ε) = √bc₂ · m / (√v + ε·√bc₂): one pass fewer than torch's order
+        root_bc2 = math.sqrt(1.0 - self.beta2 ** self.t)
         denom = np.sqrt(v, out=g)
-        denom *= 1.0 / math.sqrt(1.0 - self.beta2 ** self.t)
-        denom += self.eps
+        denom += self.eps * root_bc2
         step = np.divide(m, denom, out=g)
-        step *= self.lr / (1.0 - self.beta1 ** self.t)
+        step *= self.lr * root_bc2 / (1.0 - self.beta1 ** self.t)
         params[lo:hi] -= step
 
 
