@@ -57,7 +57,7 @@ class Config:
                             default=None)
     # optimisation
     lr: float = _opt("learning rate", default=0.1)
-    momentum: float = _opt("momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
+    momentum: float = _opt("sgd: momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
     l2: float = _opt("L2 penalty λ: adds ½·λ·Σ‖W‖² over the weight matrices", default=0.0)
     optimizer: str = _opt("the update rule: sgd (momentum, optionally Nesterov), adam or adamw "
                           "(as torch.optim)", metavar="{sgd,adam,adamw}", default="sgd")
@@ -72,7 +72,7 @@ class Config:
                                    "at most C before the update (default: off)", metavar="C",
                                    default=None)
     batch_size: int = _opt("global batch size (split over all ranks)", default=32)
-    steps: int | None = _opt("number of SGD steps (wins over --epochs)", default=None)
+    steps: int | None = _opt("number of training steps (wins over --epochs)", default=None)
     epochs: int = _opt("number of passes over the training data", default=100)
     seed: int = _opt("seed for data generation, splits, shuffling and init", default=0)
     shuffle: bool = _opt("keep file order instead of a seeded shuffle each epoch", default=True)

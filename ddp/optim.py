@@ -24,7 +24,6 @@ import math
 import numpy as np
 
 from .model import Layout
-from .validation import parse_betas
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: scale by C / (‖g‖ + 1e-6)
 
@@ -222,6 +221,14 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default
 ADAM_EPS = 1e-8
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    """β₁,β₂ from "0.9,0.999"; ValueError unless they are two numbers, each in [0, 1)."""
+    betas = tuple(float(b) for b in str(text).split(","))
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"not two numbers in [0, 1): {text!r}")
+    return betas
 
 
 def clip_(g: np.ndarray, sq_norm: float, max_norm: float) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from .errors import UsageError
 from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
+from .optim import OPTIMIZERS, parse_betas
 
 DTYPES = ("float32", "float64")
 
@@ -111,27 +112,15 @@ def _check_run(cfg) -> None:
     _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
 
 
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 # options that mean something only to some optimizers, and those optimizers
 _OPTIMIZER_ONLY = {"betas": ("adam", "adamw"), "eps": ("adam", "adamw"),
                    "weight_decay": ("adamw",), "nesterov": ("sgd",)}
 
 
-def parse_betas(text: str) -> tuple[float, float]:
-    """β₁,β₂ from "0.9,0.999": two numbers, each in [0, 1)."""
-    try:
-        betas = tuple(float(p) for p in str(text).split(","))
-    except ValueError:
-        betas = ()
-    _need(len(betas) == 2 and all(0 <= b < 1 for b in betas),
-          f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {text!r}")
-    return betas
-
-
 def _check_optimizer(cfg) -> None:
     """The optimizer's name, its own options only with it, and their values."""
-    _need(cfg.optimizer in OPTIMIZER_NAMES,
-          f"--optimizer {cfg.optimizer!r} is not one of: {', '.join(OPTIMIZER_NAMES)}")
+    _need(cfg.optimizer in OPTIMIZERS,
+          f"--optimizer {cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
     for name, owners in _OPTIMIZER_ONLY.items():
         value = getattr(cfg, name)
         given = value is not None and value is not False
@@ -139,7 +128,11 @@ def _check_optimizer(cfg) -> None:
               f"--{name.replace('_', '-')} applies to --optimizer {' or '.join(owners)} only, "
               f"not {cfg.optimizer}")
     if cfg.betas is not None:
-        parse_betas(cfg.betas)
+        try:
+            parse_betas(cfg.betas)
+        except ValueError:
+            raise UsageError(f"--betas must be two numbers in [0, 1) like 0.9,0.999, "
+                             f"got {cfg.betas!r}") from None
     _need(cfg.eps is None or (cfg.eps > 0 and _finite(cfg.eps)),
           f"--eps must be a positive number, got {cfg.eps}")
     _need(cfg.weight_decay is None or (cfg.weight_decay >= 0 and _finite(cfg.weight_decay)),
