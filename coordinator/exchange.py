@@ -5,8 +5,9 @@ this process's shard sums into `exchange.buf` (the stats in the first `head` slo
 then the flat gradient), tells the exchange each time backward has finished a layer,
 asks it to `finish()` (every process's sums have met: the summed stats come back),
 and then to `apply_(opt, n)` (the optimizer moves the parameters with the gradient of
-the mean loss over the global batch's n samples). The optimizer is handed a gradient
-sum, or the part [lo, hi) of one, and never sees a communicator.
+the mean loss over the global batch's n samples; with --clip-norm C, first scaled so
+that its norm over every part is at most C). The optimizer is handed a gradient sum, or the part
+[lo, hi) of one, and never sees a communicator.
 
     LocalExchange      one process: the sums are whole already (a world of one, and
                        the ZeroMQ coordinator, which adds the workers' sums itself)
@@ -35,7 +36,7 @@ SHARED_NORM_EVERY = 16
 
 
 def optimizer_step_(opt, params: np.ndarray, grad_sum: np.ndarray, n_samples: int, lo: int = 0,
-          total_sq=float) -> None:
+                    total_sq=float) -> None:
     """`opt`'s update of params[lo:lo + len(grad_sum)] from the summed gradient; with
     --clip-norm, the averaged gradient is clipped first by its norm over every part:
     `total_sq(‖part‖²)` gives ‖g‖² (the part's own when it is the whole gradient)."""

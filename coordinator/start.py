@@ -33,6 +33,10 @@ def check_writable(cfg: Config) -> None:
             raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
+# the optimizer's own options, which a resumed run may change (with a warning)
+_OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "nesterov", "clip_norm")
+
+
 def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fingerprint: str,
                      log: Log) -> None:
     saved_cfg, path = found.meta.get("config", {}), found.path
@@ -61,10 +65,6 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fi
     if changed:
         log.warn("resuming with changed " + ", ".join(
             f"{k} ({saved_cfg.get(k)} → {now.get(k)})" for k in changed))
-
-
-# the optimizer's own options, which a resumed run may change (with a warning)
-_OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "nesterov", "clip_norm")
 
 
 def _check_optimizer_state(found: ckpt.Checkpoint, opt) -> None:
