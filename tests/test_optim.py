@@ -264,6 +264,9 @@ def test_sgd_checkpoints_keep_the_format_older_readers_read(tmp_path):
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     assert sorted(arrays) == ["checksum", "meta", "params", "velocity"]
+    # the checksum as readers before Adam compute it: over params, velocity and meta
+    assert str(arrays["checksum"]) == ckpt._checksum(arrays["params"], arrays["velocity"],
+                                                     str(arrays["meta"]))
     meta = json.loads(str(arrays["meta"]))
     assert meta["optimizer"] == {"kind": "sgd", "slots": ["velocity"], "t": 10}
     del meta["optimizer"]  # as ddp-train wrote it before Adam
