@@ -26,6 +26,8 @@ import numpy as np
 from .model import Layout
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: scale by C / (‖g‖ + 1e-6)
+# torch.optim's defaults for Adam and AdamW
+ADAM_BETAS, ADAM_EPS, ADAMW_WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.01
 
 
 class Optimizer:
@@ -160,8 +162,8 @@ class Adam(Optimizer):
     slot_names = ("exp_avg", "exp_avg_sq")
     slots = 2
 
-    def __init__(self, layout: Layout, dtype, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, l2: float = 0.0, state: np.ndarray | None = None,
+    def __init__(self, layout: Layout, dtype, lr: float, betas: tuple[float, float] = ADAM_BETAS,
+                 eps: float = ADAM_EPS, l2: float = 0.0, state: np.ndarray | None = None,
                  clip_norm: float | None = None):
         super().__init__(layout, dtype, lr, l2, state, clip_norm)
         self.beta1, self.beta2 = betas
@@ -205,8 +207,8 @@ class AdamW(Adam):
 
     kind = "adamw"
 
-    def __init__(self, layout: Layout, dtype, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, l2: float = 0.0,
+    def __init__(self, layout: Layout, dtype, lr: float, betas: tuple[float, float] = ADAM_BETAS,
+                 eps: float = ADAM_EPS, weight_decay: float = ADAMW_WEIGHT_DECAY, l2: float = 0.0,
                  state: np.ndarray | None = None, clip_norm: float | None = None):
         super().__init__(layout, dtype, lr, betas, eps, l2, state, clip_norm)
         self.weight_decay = weight_decay
@@ -219,8 +221,6 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
-ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default
-ADAM_EPS = 1e-8
 
 
 def parse_betas(text: str) -> tuple[float, float]:
@@ -252,7 +252,7 @@ def make_optimizer(cfg, layout: Layout, state_for=None) -> Optimizer:
     dtype = np.dtype(cfg.dtype)
     if cfg.optimizer == "sgd":
         return SGD(layout, dtype, cfg.lr, cfg.momentum, cfg.l2, state, cfg.nesterov, cfg.clip_norm)
-    betas = parse_betas(cfg.betas) if cfg.betas is not None else (0.9, 0.999)
+    betas = ADAM_BETAS if cfg.betas is None else parse_betas(cfg.betas)
     eps = ADAM_EPS if cfg.eps is None else cfg.eps
     if cfg.optimizer == "adam":
         return Adam(layout, dtype, cfg.lr, betas, eps, cfg.l2, state, cfg.clip_norm)
