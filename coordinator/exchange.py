@@ -5,8 +5,9 @@ this process's shard sums into `exchange.buf` (the stats in the first `head` slo
 then the flat gradient), tells the exchange each time backward has finished a layer,
 asks it to `finish()` (every process's sums have met: the summed stats come back),
 and then to `apply_(opt, n)` (the optimizer moves the parameters with the gradient of
-the mean loss over the global batch's n samples). The optimizer is handed a gradient
-sum, or the part [lo, hi) of one, and never sees a communicator.
+the mean loss over the global batch's n samples; with --clip-norm C, first scaled so
+that its norm over every part is at most C). The optimizer is handed a gradient sum, or the part
+[lo, hi) of one, and never sees a communicator.
 
     LocalExchange      one process: the sums are whole already (a world of one, and
                        the ZeroMQ coordinator, which adds the workers' sums itself)
@@ -27,10 +28,24 @@ import numpy as np
 
 from ddp.data import shard_bounds
 from ddp.errors import UsageError
+from ddp.optim import clip_
 
 # The grad norm for the metrics under the shared window: every rank holds a part of the
 # summed gradient, so the decision to measure it must be the same on every rank.
 SHARED_NORM_EVERY = 16
+
+
+def optimizer_step_(opt, params: np.ndarray, grad_sum: np.ndarray, n_samples: int, lo: int = 0,
+                    total_sq=float) -> None:
+    """`opt`'s update of params[lo:lo + len(grad_sum)] from the summed gradient; with
+    --clip-norm, the averaged gradient is clipped first by its norm over every part:
+    `total_sq(‖part‖²)` gives ‖g‖² (the part's own when it is the whole gradient)."""
+    if opt.clip_norm is None:
+        opt.step_(params, grad_sum, n_samples, lo)
+        return
+    g = opt.mean_grad_(params, grad_sum, n_samples, lo)
+    clip_(g, total_sq(float(np.dot(g, g))), opt.clip_norm)
+    opt.update_(params, g, lo)
 
 
 class LocalExchange:
@@ -71,14 +86,15 @@ class LocalExchange:
         scratch afterwards). Returns ‖Σg‖ when `norm_due()` says the metrics want it."""
         g = self.grad
         norm = float(np.sqrt(np.dot(g, g))) if norm_due is not None and norm_due() else None
-        opt.step_(self.params, g, n_samples)
+        optimizer_step_(opt, self.params, g, n_samples)
         return norm
 
     def sum_(self, buf: np.ndarray) -> None:
         """Sum `buf` over processes, in place."""
 
     def share_start(self, step: int, opt) -> int:
-        """The root's starting step, parameters and optimizer state, on every process."""
+        """The root's starting step, parameters and optimizer state (its arrays and step
+        count), on every process."""
         return step
 
     def close(self) -> None:
@@ -153,10 +169,11 @@ class AllreduceExchange(LocalExchange):
         self.comm.allreduce_(buf)
 
     def share_start(self, step: int, opt) -> int:
-        box = np.array([step], dtype=np.int64)
+        box = np.array([step, opt.t], dtype=np.int64)
         self.comm.bcast_(box)
         self.comm.bcast_(self.params)
         self.comm.bcast_(opt.state)
+        opt.t = int(box[1])
         return int(box[0])
 
 
@@ -181,8 +198,9 @@ class SharedExchange:
         info.Set("alloc_shared_noncontig", "true")  # each rank's slot on pages of its own
         self.win_slots = MPI.Win.Allocate_shared((head + size) * dtype.itemsize, dtype.itemsize,
                                                  info, comm.comm)
-        # parameters, optimizer state, each part's ‖Σg‖²: one copy, in rank 0's segment
-        n_model = (1 + state_slots) * size + self.world_size
+        # parameters, optimizer state, each part's ‖Σg‖² (metrics) and ‖g‖² (--clip-norm):
+        # one copy, in rank 0's segment
+        n_model = (1 + state_slots) * size + 2 * self.world_size
         self.win_model = MPI.Win.Allocate_shared(n_model * dtype.itemsize if self.rank == 0 else 0,
                                                  dtype.itemsize, info, comm.comm)
         info.Free()
@@ -191,7 +209,8 @@ class SharedExchange:
         model = np.frombuffer(self.win_model.Shared_query(0)[0], dtype, count=n_model)
         self.params = model[:size]
         self.state = model[size:(1 + state_slots) * size].reshape(state_slots, size)
-        self.norms = model[(1 + state_slots) * size:]
+        self.norms = model[(1 + state_slots) * size:][:self.world_size]
+        self.clip_sq = model[(1 + state_slots) * size + self.world_size:]
         self.buf = self.slots[self.rank]
         self.buf[:] = 0
         self.grad = self.buf[head:]
@@ -225,19 +244,27 @@ class SharedExchange:
         self.steps += 1
         if want_norm:
             self.norms[self.rank] = np.dot(acc, acc)
-        opt.step_(self.params, acc, n_samples, lo=self.lo)
+        optimizer_step_(opt, self.params, acc, n_samples, self.lo, self._total_sq)
         self.comm.barrier()
         return float(np.sqrt(self.norms.sum())) if want_norm else None
+
+    def _total_sq(self, part_sq: float) -> float:
+        """‖g‖² of the whole averaged gradient from every rank's part: one barrier, then
+        every rank adds the same numbers in the same order, so all clip alike."""
+        self.clip_sq[self.rank] = part_sq
+        self.comm.barrier()
+        return float(self.clip_sq.sum())
 
     def sum_(self, buf: np.ndarray) -> None:
         self.comm.allreduce_(buf)
 
     def share_start(self, step: int, opt) -> int:
-        """Rank 0 wrote the one copy of parameters and state; every rank learns the step."""
-        box = np.array([step], dtype=np.int64)
+        """Rank 0 wrote the one copy of parameters and state; every rank learns the step
+        and the optimizer's step count."""
+        box = np.array([step, opt.t], dtype=np.int64)
         self.comm.bcast_(box)
         self.comm.barrier()
-        self.steps = int(box[0])
+        self.steps, opt.t = int(box[0]), int(box[1])
         return int(box[0])
 
     def close(self) -> None:

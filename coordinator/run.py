@@ -262,8 +262,8 @@ class Run:
         if self.rank == 0 and self.cfg.checkpoint_dir and self.step != self.last_checkpoint:
             self.last_checkpoint = self.step
             self._set_state("checkpointing")
-            path = self.series.save(self.step, self.params, self.opt.velocity, self.meta(),
-                                    self.control.arrays())
+            path = self.series.save(self.step, self.params, self.opt.state, self.meta(),
+                                    self.opt.describe(), self.control.arrays())
             self.log.info(f"checkpoint {path}")
             if self.monitor is not None:
                 self.monitor.checkpointed(self.step, path)

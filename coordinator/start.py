@@ -33,6 +33,10 @@ def check_writable(cfg: Config) -> None:
             raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
+# the optimizer's own options, which a resumed run may change (with a warning)
+_OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "nesterov", "clip_norm")
+
+
 def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fingerprint: str,
                      log: Log) -> None:
     saved_cfg, path = found.meta.get("config", {}), found.path
@@ -56,10 +60,21 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fi
         raise UsageError(f"checkpoint {path} holds {found.params.dtype}[{found.params.size}] "
                          f"parameters, this model has {params.dtype}[{params.size}]; use another "
                          f"--checkpoint-dir or --no-resume to start over")
-    changed = [k for k in ("lr", "momentum", "l2") if saved_cfg.get(k) != now.get(k)]
+    changed = [k for k in ("lr", "momentum", "l2", *_OPTIMIZER_KEYS)
+               if k in saved_cfg and saved_cfg[k] != now.get(k)]
     if changed:
         log.warn("resuming with changed " + ", ".join(
             f"{k} ({saved_cfg.get(k)} → {now.get(k)})" for k in changed))
+
+
+def _check_optimizer_state(found: ckpt.Checkpoint, opt) -> None:
+    """The checkpoint holds the state of this run's optimizer: the same kind and slots."""
+    saved = found.optimizer
+    if saved["kind"] != opt.kind or list(saved["slots"]) != list(opt.slot_names):
+        raise UsageError(f"checkpoint {found.path} holds the state of --optimizer {saved['kind']} "
+                         f"({', '.join(saved['slots'])}), this run uses --optimizer {opt.kind} "
+                         f"({', '.join(opt.slot_names)}); give --optimizer {saved['kind']}, "
+                         f"another --checkpoint-dir or --no-resume to start over")
 
 
 def _resume_or_start_over(setup: Setup, series: ckpt.Series, log: Log,
@@ -97,7 +112,9 @@ def load_start(setup: Setup, log: Log, params: np.ndarray, opt,
     check_writable(cfg)
     found = _resume_or_start_over(setup, series, log, params) if series is not None else None
     if found is not None:
-        params[...], opt.velocity[...] = found.params, found.velocity
+        _check_optimizer_state(found, opt)
+        params[...], opt.state[...] = found.params, found.state
+        opt.t = found.optimizer["t"]
         if restore is not None:
             restore(found)
         log.info(f"resuming from {found.path} at step {found.step}")

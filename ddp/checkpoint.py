@@ -1,25 +1,27 @@
 """Checkpoints and model files: written atomically, read back only after validation.
 
-A checkpoint `ckpt-00000500.npz` holds the flat parameter and momentum buffers,
-a JSON `meta` string (step, epoch, position in the epoch, resolved config),
-optional extra arrays `extra_<name>` (the best parameters under early stopping) and
-a SHA-256 `checksum` over all of them. A model file holds `W0, b0, W1, …` and a
-JSON `config` string, so it is usable on its own. Nothing is ever unpickled.
+A checkpoint `ckpt-00000500.npz` holds the flat parameters, each slot of optimizer
+state under its name (SGD's `velocity`: what readers before Adam expect; Adam's
+`exp_avg`, `exp_avg_sq`), a JSON `meta` string (step, epoch, position in it, config,
+`optimizer`: kind, slot names, step count t; without it: SGD's velocity at t = step),
+optional extra arrays `extra_<name>` (the best parameters under early stopping) and a
+SHA-256 `checksum` over the parameters, the slots in order, the meta and the extras.
+A model file holds `W0, b0, W1, …` and a JSON `config` string, so it is usable on its
+own. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-import secrets
 import stat
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomic import _read_npz, atomic_savez, atomic_write, remove_stale_temporaries  # noqa: F401
 from .errors import DataError, OutputError
 from .files import check_input_file, check_output_target, kind
 from .memory import check_model_fits
@@ -30,108 +32,12 @@ CHECKPOINT_FORMAT = "ddp-train-checkpoint/1"
 MODEL_FORMAT = "ddp-train-model/1"
 KEEP_CHECKPOINTS = 3
 _NAME = re.compile(r"^ckpt-(\d{8,})\.npz$")
-# exactly what atomic_write creates for an .npz: its prefix, 8 random characters, its suffix
-_TMP_NAME = re.compile(r"^\.tmp-[a-z0-9_]{8}\.npz$")
-# a temporary file younger than this may be one another process is about to rename
-STALE_TMP_SECONDS = 60
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create_temporary(directory: str, suffix: str) -> tuple[int, str]:
-    """A new file `.tmp-XXXXXXXX<suffix>` in `directory`, created with the mode any file
-    gets here (0666 less the umask), not mkstemp's private 0600: a model or checkpoint
-    must be readable by whoever may read the directory's other files."""
-    while True:
-        name = os.path.join(directory, f".tmp-{secrets.token_hex(4)}{suffix}")
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
-        except FileExistsError:
-            continue
-
-
-def atomic_write(path: str, write, binary: bool = True) -> None:
-    """Write a file so that `path` is either the old file or the complete new one.
-
-    `write(fh)` fills a temporary file in the same directory; then fsync, rename over
-    the target, fsync the directory (so the rename itself survives a crash).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temporary(directory, os.path.splitext(path)[1])
-    try:
-        # held while it is written: a starting run's cleanup (remove_stale_temporaries)
-        # tells a live write from the remains of a killed one by this lock
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """An .npz written with atomic_write()."""
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing object arrays (no pickles). Any failure, whatever
-    zipfile or numpy raise for a hostile file (an unsupported compression method, the
-    encryption flag, a header claiming terabytes...), becomes ValueError saying why."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 (the file is untrusted input: every failure is "unreadable")
-        raise ValueError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
-
-
-def remove_stale_temporaries(directory: str, min_age: float = STALE_TMP_SECONDS) -> list[str]:
-    """Delete the temporary files a killed atomic_savez left in `directory`; their paths.
-
-    Only regular files named exactly as atomic_savez names them, untouched for `min_age`
-    seconds and not locked by a writer (atomic_savez holds an flock while it writes), so
-    another process's checkpoint in progress, and every file of another naming, survive.
-    """
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    removed = []
-    now = time.time()
-    for name in names:
-        if not _TMP_NAME.match(name):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
-                os.unlink(path)
-            finally:
-                os.close(fd)
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
 # --- checkpoints ----------------------------------------------------------------
+
+
+# what a checkpoint without an "optimizer" entry holds
+_OLD_OPTIMIZER = {"kind": "sgd", "slots": ["velocity"]}
+_RESERVED = ("params", "meta", "checksum")
 
 
 @dataclass
@@ -139,21 +45,28 @@ class Checkpoint:
     path: str
     step: int
     params: np.ndarray
-    velocity: np.ndarray
+    state: np.ndarray  # (slots, params.size), in the order of optimizer["slots"]
     meta: dict
     extra: dict = field(default_factory=dict)  # name → array, from the extra_<name> entries
+
+    @property
+    def optimizer(self) -> dict:
+        """kind, slots (names) and t of the optimizer whose state this is."""
+        return self.meta.get("optimizer") or dict(_OLD_OPTIMIZER, t=self.step)
 
 
 EXTRA_PREFIX = "extra_"
 
 
-def _checksum(params: np.ndarray, velocity: np.ndarray, meta_json: str,
+def _checksum(params: np.ndarray, state: np.ndarray, meta_json: str,
               extra: dict | None = None) -> str:
+    """Over the parameters, the state's slots in order (one slot: its flat array), the
+    meta and the extra arrays by name (none: the checksum of a checkpoint without extras)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(params).tobytes())
-    h.update(np.ascontiguousarray(velocity).tobytes())
+    h.update(np.ascontiguousarray(state).tobytes())
     h.update(meta_json.encode())
-    for name in sorted(extra or {}):  # none: the checksum of a checkpoint without extras
+    for name in sorted(extra or {}):
         h.update(name.encode())
         h.update(np.ascontiguousarray(extra[name]).tobytes())
     return h.hexdigest()
@@ -175,18 +88,21 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(directory: str, step: int, params: np.ndarray, velocity: np.ndarray,
-                    meta: dict, extra: dict | None = None) -> str:
-    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series);
+def save_checkpoint(directory: str, step: int, params: np.ndarray, state: np.ndarray,
+                    meta: dict, optimizer: dict, extra: dict | None = None) -> str:
+    """Write `directory`/ckpt-STEP.npz atomically (nothing is pruned: see Series).
+    `state` is the optimizer's (slots, size) arrays, `optimizer` its kind, slot names and t;
     `extra` arrays are stored as extra_<name>."""
-    meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time())
+    assert len(optimizer["slots"]) == len(state), "one name per slot of state"
+    meta = dict(meta, format=CHECKPOINT_FORMAT, step=step, time=time.time(), optimizer=optimizer)
     meta_json = json.dumps(meta, sort_keys=True)
     path = checkpoint_path(directory, step)
+    slots = dict(zip(optimizer["slots"], state))
     try:
         os.makedirs(directory, exist_ok=True)
         atomic_savez(path, {
-            "params": params, "velocity": velocity, "meta": np.array(meta_json),
-            "checksum": np.array(_checksum(params, velocity, meta_json, extra)),
+            "params": params, **slots, "meta": np.array(meta_json),
+            "checksum": np.array(_checksum(params, state, meta_json, extra)),
             **{EXTRA_PREFIX + name: a for name, a in (extra or {}).items()},
         })
     except OSError as e:
@@ -239,9 +155,9 @@ class Series:
                               f"{aside} ({e.strerror or e})")
         return aside, sorted(s for s, _ in found)
 
-    def save(self, step: int, params: np.ndarray, velocity: np.ndarray, meta: dict,
-             extra: dict | None = None) -> str:
-        path = save_checkpoint(self.directory, step, params, velocity, meta, extra)
+    def save(self, step: int, params: np.ndarray, state: np.ndarray, meta: dict,
+             optimizer: dict, extra: dict | None = None) -> str:
+        path = save_checkpoint(self.directory, step, params, state, meta, optimizer, extra)
         if path in self.owned:
             self.owned.remove(path)
         self.owned.append(path)
@@ -271,24 +187,43 @@ def read_checkpoint(path: str) -> Checkpoint:
         z = _read_npz(path)
     except ValueError as e:
         raise ValueError(f"unreadable ({e})")
-    for key in ("params", "velocity", "meta", "checksum"):
+    for key in _RESERVED:
         if key not in z:
             raise ValueError(f"missing {key!r}")
-    params, velocity = z["params"], z["velocity"]
-    meta_json, checksum = str(z["meta"]), str(z["checksum"])
-    extra = {k[len(EXTRA_PREFIX):]: a for k, a in z.items() if k.startswith(EXTRA_PREFIX)}
-    if _checksum(params, velocity, meta_json, extra) != checksum:
-        raise ValueError("checksum mismatch")
+    params, meta_json, checksum = z["params"], str(z["meta"]), str(z["checksum"])
     try:
         meta = json.loads(meta_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("its meta entry is not JSON")
     if not isinstance(meta, dict):
         raise ValueError("its meta entry is not a JSON object")
-    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int) \
-            or params.ndim != 1 or params.shape != velocity.shape:
+    names = _slot_names(meta.get("optimizer", _OLD_OPTIMIZER))
+    for name in names:
+        if name not in z:
+            raise ValueError(f"missing {name!r}")
+    slots = [z[name] for name in names]
+    if params.ndim != 1 or any(a.shape != params.shape or a.dtype != params.dtype for a in slots):
         raise ValueError("not a ddp-train checkpoint")
-    return Checkpoint(path, meta["step"], params, velocity, meta, extra)
+    state = np.stack(slots)
+    extra = {k[len(EXTRA_PREFIX):]: a for k, a in z.items() if k.startswith(EXTRA_PREFIX)}
+    if _checksum(params, state, meta_json, extra) != checksum:
+        raise ValueError("checksum mismatch")
+    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int):
+        raise ValueError("not a ddp-train checkpoint")
+    return Checkpoint(path, meta["step"], params, state, meta, extra)
+
+
+def _slot_names(opt) -> list[str]:
+    """The slot names of a checkpoint's `optimizer` entry, checked: it is untrusted input."""
+    if not isinstance(opt, dict):
+        opt = {}
+    names, t = opt.get("slots"), opt.get("t", 0 if opt is _OLD_OPTIMIZER else None)
+    if not (isinstance(opt.get("kind"), str) and isinstance(names, list) and names
+            and all(isinstance(n, str) and n not in _RESERVED and not n.startswith(EXTRA_PREFIX)
+                    for n in names)
+            and len(set(names)) == len(names) and type(t) is int and t >= 0):
+        raise ValueError("its meta entry's optimizer is not kind, slots and step count")
+    return names
 
 
 def latest_checkpoint(directory: str, warn) -> Checkpoint | None:

@@ -57,10 +57,22 @@ class Config:
                             default=None)
     # optimisation
     lr: float = _opt("learning rate", default=0.1)
-    momentum: float = _opt("momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
+    momentum: float = _opt("sgd: momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
     l2: float = _opt("L2 penalty λ: adds ½·λ·Σ‖W‖² over the weight matrices", default=0.0)
+    optimizer: str = _opt("the update rule: sgd (momentum, optionally Nesterov), adam or adamw "
+                          "(as torch.optim)", metavar="{sgd,adam,adamw}", default="sgd")
+    betas: str | None = _opt("adam/adamw: the moments' decay rates β₁,β₂, each in [0, 1) "
+                             "(default: 0.9,0.999)", metavar="B1,B2", default=None)
+    eps: float | None = _opt("adam/adamw: ε added to √v (default: 1e-8)", default=None)
+    weight_decay: float | None = _opt("adamw: decoupled weight decay WD, θ ← θ − lr·WD·θ on the "
+                                      "weight matrices (default: 0.01)", metavar="WD", default=None)
+    nesterov: bool = _opt("sgd with --momentum > 0: Nesterov momentum, θ ← θ − lr·(g + μ·v)",
+                          default=False)
+    clip_norm: float | None = _opt("scale the averaged gradient (L2 included) to a global norm of "
+                                   "at most C before the update (default: off)", metavar="C",
+                                   default=None)
     batch_size: int = _opt("global batch size (split over all ranks)", default=32)
-    steps: int | None = _opt("number of SGD steps (wins over --epochs)", default=None)
+    steps: int | None = _opt("number of training steps (wins over --epochs)", default=None)
     epochs: int = _opt("number of passes over the training data", default=100)
     seed: int = _opt("seed for data generation, splits, shuffling and init", default=0)
     shuffle: bool = _opt("keep file order instead of a seeded shuffle each epoch", default=True)

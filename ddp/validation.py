@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from .errors import UsageError
 from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
+from .optim import OPTIMIZERS, parse_betas
 from .schedule import SCHEDULES
 
 DTYPES = ("float32", "float64")
@@ -45,6 +46,7 @@ def validate(cfg) -> None:
     _check_choices(cfg)
     _check_run(cfg)
     _check_schedule(cfg)
+    _check_optimizer(cfg)
     _check_zmq(cfg)
     _check_observability(cfg)
     _check_paths(cfg)
@@ -147,6 +149,36 @@ def _check_schedule(cfg) -> None:
               f"{flag} needs validation data: give --val-data or --val-fraction")
         _need(not given or cfg.eval_every > 0,
               f"{flag} decides at evaluations: give --eval-every K")
+
+
+# options that mean something only to some optimizers, and those optimizers
+_OPTIMIZER_ONLY = {"betas": ("adam", "adamw"), "eps": ("adam", "adamw"),
+                   "weight_decay": ("adamw",), "nesterov": ("sgd",)}
+
+
+def _check_optimizer(cfg) -> None:
+    """The optimizer's name, its own options only with it, and their values."""
+    _need(cfg.optimizer in OPTIMIZERS,
+          f"--optimizer {cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
+    for name, owners in _OPTIMIZER_ONLY.items():
+        value = getattr(cfg, name)
+        given = value is not None and value is not False
+        _need(not given or cfg.optimizer in owners,
+              f"--{name.replace('_', '-')} applies to --optimizer {' or '.join(owners)} only, "
+              f"not {cfg.optimizer}")
+    if cfg.betas is not None:
+        try:
+            parse_betas(cfg.betas)
+        except ValueError:
+            raise UsageError(f"--betas must be two numbers in [0, 1) like 0.9,0.999, "
+                             f"got {cfg.betas!r}") from None
+    _need(cfg.eps is None or (cfg.eps > 0 and _finite(cfg.eps)),
+          f"--eps must be a positive number, got {cfg.eps}")
+    _need(cfg.weight_decay is None or (cfg.weight_decay >= 0 and _finite(cfg.weight_decay)),
+          f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
+    _need(not cfg.nesterov or cfg.momentum > 0, "--nesterov needs --momentum > 0")
+    _need(cfg.clip_norm is None or (cfg.clip_norm > 0 and _finite(cfg.clip_norm)),
+          f"--clip-norm must be a positive number, got {cfg.clip_norm}")
 
 
 def _check_zmq(cfg) -> None:

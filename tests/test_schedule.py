@@ -142,11 +142,12 @@ def test_early_stopping_keeps_the_best_and_stops_after_n_without_improvement():
 
 def test_a_checkpoint_keeps_its_extra_arrays_under_the_checksum(tmp_path):
     d = str(tmp_path)
-    params, velocity, best = np.arange(4.0), np.zeros(4), np.ones(4)
-    path = ckpt.save_checkpoint(d, 3, params, velocity, {"x": 1}, {"best_params": best})
+    params, state, best = np.arange(4.0), np.zeros((1, 4)), np.ones(4)
+    sgd = {"kind": "sgd", "slots": ["velocity"], "t": 3}
+    path = ckpt.save_checkpoint(d, 3, params, state, {"x": 1}, sgd, {"best_params": best})
     got = ckpt.read_checkpoint(path)
     assert list(got.extra) == ["best_params"] and np.array_equal(got.extra["best_params"], best)
-    plain = ckpt.read_checkpoint(ckpt.save_checkpoint(d, 4, params, velocity, {"x": 1}))
+    plain = ckpt.read_checkpoint(ckpt.save_checkpoint(d, 4, params, state, {"x": 1}, sgd))
     assert plain.extra == {}
     data = dict(np.load(path, allow_pickle=False))
     data["extra_best_params"] = best + 1e-9
@@ -330,7 +331,7 @@ def test_a_checkpoint_with_malformed_early_stopping_state_is_one_line_error(tmp_
     _ok(train_here(args))
     found = ckpt.read_checkpoint(ckpt.checkpoint_path(d, 20))
     meta = dict(found.meta, early_stopping=["x", 1, 2])
-    ckpt.save_checkpoint(d, 20, found.params, found.velocity, meta, found.extra)
+    ckpt.save_checkpoint(d, 20, found.params, found.state, meta, found.optimizer, found.extra)
     res = train_here(args[:args.index("20")] + ["30"] + args[args.index("20") + 1:])
     assert res.returncode != 0
     line = one_error_line(res.stderr)
