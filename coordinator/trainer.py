@@ -66,7 +66,7 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     if cfg.micro_batch and cfg.micro_batch < max_rows:
         max_rows = cfg.micro_batch
         scratch = layout.views(np.empty(layout.size, dtype))
-    compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
+    compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows, cfg.dropout, cfg.seed)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
     run = Run(setup, log, exchange, Evaluator(setup, compute, exchange), monitor)
     start(run, comm)

@@ -56,6 +56,9 @@ class Config:
     bias: bool = _opt("drop all biases (--no-bias)", default=True)
     loss: str = _opt("loss function", metavar="{" + ",".join(LOSSES) + "}", default="cross-entropy")
     dtype: str = _opt("floating-point type", metavar="{" + ",".join(DTYPES) + "}", default="float32")
+    dropout: float = _opt("inverted dropout: drop each hidden unit with probability p in training "
+                          "(kept ones scaled by 1/(1-p)); none at evaluation or prediction",
+                          metavar="P", default=0.0)
     init: str | None = _opt("initial parameters from this .npz (W0, b0, W1, ...)", metavar="FILE.npz",
                             default=None)
     # optimisation
@@ -168,7 +171,7 @@ FIELDS = {f.name: f for f in fields(Config)}
 # keys that must match for a checkpoint to be resumed: they fix the data schedule and the model
 TRAJECTORY_KEYS = ("data", "samples", "val_data", "val_fraction", "standardize", "layers",
                    "activation", "bias", "loss", "dtype", "batch_size", "seed", "shuffle",
-                   "class_weight")
+                   "class_weight", "dropout")
 # keys a ZeroMQ worker needs beyond those: how it computes, not what (the sums are the
 # same up to summation order)
 WORKER_KEYS = ("micro_batch",)

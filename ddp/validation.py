@@ -112,10 +112,12 @@ def _check_run(cfg) -> None:
 
 
 def _check_weights_and_passes(cfg) -> None:
+    """Sample weights, dropout and micro-batches."""
     _need(cfg.class_weight in ("none", "balanced"),
           f"--class-weight {cfg.class_weight!r} is not one of: none, balanced")
     _need(cfg.class_weight == "none" or cfg.loss == "cross-entropy",
           "--class-weight balanced needs class labels: it applies to --loss cross-entropy only")
+    _need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
     _need(cfg.micro_batch is None or cfg.micro_batch > 0,
           f"--micro-batch must be a positive integer, got {cfg.micro_batch}")
 

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddp.dropout import Dropout, sample_ids
 from ddp.model import ACTIVATIONS, DERIVATIVES, LOSSES, Layout
 
 
 class ShardCompute:
-    def __init__(self, layout: Layout, activation: str, loss: str, dtype, max_rows: int):
+    """Forward and backward passes over at most `max_rows` rows at a time; with
+    `dropout` p > 0, training passes drop hidden units (masks from `seed`, the step and
+    the samples' rows, see ddp.dropout), evaluation never does."""
+
+    def __init__(self, layout: Layout, activation: str, loss: str, dtype, max_rows: int,
+                 dropout: float = 0.0, seed: int = 0):
         self.layout = layout
         self.f, self.f_prime = ACTIVATIONS[activation], DERIVATIVES[activation]
         self.loss_name, self.loss_ = loss, LOSSES[loss]
@@ -27,13 +33,19 @@ class ShardCompute:
         self.acts = [np.empty((self.max_rows, w), dtype) for w in widths]
         self.deltas = [np.empty((self.max_rows, w), dtype) for w in widths[:-1]]
         self.scratch = np.empty((self.max_rows, max(widths[:-1], default=1)), dtype)
+        self.dropout = self.dropped = None
+        if dropout > 0 and len(widths) > 1:
+            self.dropout = Dropout(dropout, seed, widths[:-1], self.max_rows, dtype)
+            # a hidden layer's output after its mask: what the next layer reads
+            self.dropped = [np.empty((self.max_rows, w), dtype) for w in widths[:-1]]
 
     def _chunks(self, n: int):
         for start in range(0, n, self.max_rows):
             yield start, min(start + self.max_rows, n)
 
-    def forward(self, params, x: np.ndarray) -> np.ndarray:
-        """Output z of the last layer for x (n ≤ max_rows), a view of an internal buffer."""
+    def forward(self, params, x: np.ndarray, masks=None) -> np.ndarray:
+        """Output z of the last layer for x (n ≤ max_rows), a view of an internal buffer;
+        with `masks`, each hidden layer's output is multiplied by its mask."""
         n = len(x)
         a = x
         last = len(params) - 1
@@ -44,6 +56,8 @@ class ShardCompute:
                 z += b
             if i < last:
                 self.f(z)
+                if masks is not None:
+                    z = np.multiply(z, masks[i], out=self.dropped[i][:n])
             a = z
         return a
 
@@ -65,20 +79,23 @@ class ShardCompute:
             positions = reader.positions(step, a, b)
             x, y = reader.rows(positions)
             w = reader.weights(positions)
+            key = None if self.dropout is None else (step, sample_ids(reader.data, positions))
             done = layer_done if a == starts[-1] else None
             if a == lo:
-                part = self.grad_sums_(params, grads, x, y, done, w)
+                part = self.grad_sums_(params, grads, x, y, done, w, key)
             else:
-                part = self.grad_sums_(params, scratch, x, y, _adding(grads, scratch, done), w)
+                part = self.grad_sums_(params, scratch, x, y, _adding(grads, scratch, done), w, key)
             loss_sum += part[0]
             correct += part[1]
             weight_sum += (b - a) if w is None else float(w.sum(dtype=np.float64))
         return loss_sum, correct, weight_sum
 
     def grad_sums_(self, params, grads, x: np.ndarray, y: np.ndarray,
-                   layer_done=None, w: np.ndarray | None = None) -> tuple[float, int]:
+                   layer_done=None, w: np.ndarray | None = None,
+                   dropout_key=None) -> tuple[float, int]:
         """Write Σ per-sample gradients over the shard into `grads` (views per layer),
-        each scaled by its weight in `w` when given.
+        each scaled by its weight in `w` when given; with dropout on, `dropout_key`
+        (step, the rows' sample ids) picks the masks of forward and backward alike.
 
         Returns (loss sum, correct predictions). An empty shard yields zero sums.
         `params` and `grads` are the [(W, b)] views of the flat buffers.
@@ -96,12 +113,15 @@ class ShardCompute:
                     layer_done(i)
             return 0.0, 0
         assert n <= self.max_rows, "shard larger than the buffers it was sized for"
-        z = self.forward(params, x)
+        masks = None
+        if self.dropout is not None and dropout_key is not None:
+            masks = self.dropout.masks_(*dropout_key)
+        z = self.forward(params, x, masks)
         correct = self._correct(z, y)
         loss_sum = self.loss_(z, y, w)       # z is now δ_L
         delta = z
         for i in range(len(params) - 1, -1, -1):
-            a_in = x if i == 0 else self.acts[i - 1][:n]
+            a_in = x if i == 0 else (self.acts if masks is None else self.dropped)[i - 1][:n]
             dW, db = grads[i]
             np.matmul(a_in.T, delta, out=dW)
             if db is not None:
@@ -111,7 +131,9 @@ class ShardCompute:
             if i > 0:
                 delta_prev = self.deltas[i - 1][:n]
                 np.matmul(delta, params[i][0].T, out=delta_prev)
-                self.f_prime(a_in, delta_prev, self._scratch(delta_prev.shape))
+                if masks is not None:
+                    delta_prev *= masks[i - 1]
+                self.f_prime(self.acts[i - 1][:n], delta_prev, self._scratch(delta_prev.shape))
                 delta = delta_prev
         return loss_sum, correct
 

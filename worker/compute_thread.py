@@ -83,7 +83,7 @@ class Job:
         self.reader = ddata.BatchReader(setup.train, self.schedule, self.max_rows, self.dtype,
                                         setup.mean, setup.std)
         self.compute = ShardCompute(self.layout, setup.cfg.activation, setup.cfg.loss, self.dtype,
-                                    self.max_rows)
+                                    self.max_rows, setup.cfg.dropout, setup.cfg.seed)
         self.fingerprint = setup.fingerprint()
         self.buffers = GradBuffers(self.layout.size, self.dtype)
         self.scratch = np.empty(self.layout.size, self.dtype)
