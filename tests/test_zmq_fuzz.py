@@ -173,7 +173,7 @@ class Junk:
             "ready": {"job": job, "fingerprint": hexid(r, 32)},
             "grads": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6),
                       "n": r.randrange(64), "loss": r.random() * 10, "correct": r.randrange(64),
-                      "seconds": r.random()},
+                      "weight": r.random() * 64, "seconds": r.random()},
             "diverged": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6)},
             "heartbeat": {"job": job},
             "bye": {"job": job},
