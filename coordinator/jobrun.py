@@ -179,7 +179,8 @@ class JobRun:
             wall = time.perf_counter() - self.t_step
             compute = min(shards.step_compute, wall)
             self.in_flight = False
-            run.update_(loss, correct, n, self.t_step, compute, wall - compute)
+            run.update_(loss, correct, n, self.t_step, compute, wall - compute,
+                        weight_sum=shards.weight_sum)
             self.record.step, self.record.last_step = run.step, time.time()
         if self.in_flight:
             return

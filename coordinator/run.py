@@ -43,24 +43,27 @@ class Evaluator:
 
     def __init__(self, setup: Setup, compute: ShardCompute, exchange):
         self.setup, self.compute, self.exchange = setup, compute, exchange
-        self.sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, count
+        self.sums = np.zeros(4, dtype=np.float64)  # loss sum, correct, count, weight sum
         self.dtype = np.dtype(setup.cfg.dtype)
 
     def __call__(self, dataset: ddata.Dataset, params_views) -> tuple[float, float | None]:
-        """(mean loss, accuracy or None for mse) over the whole dataset."""
+        """(mean loss, weighted by the set's w if it has one; accuracy, unweighted, or
+        None for mse) over the whole dataset."""
         rows = self.compute.max_rows
         reader = ddata.BatchReader(dataset, self.setup.schedule, rows, self.dtype,
                                    self.setup.mean, self.setup.std)
         lo, hi = ddata.shard_bounds(len(dataset), self.exchange.world_size, self.exchange.rank)
         self.sums[:] = 0
         for start in range(lo, hi, rows):
-            x, y = reader.rows(slice(start, min(start + rows, hi)))
-            loss_sum, correct = self.compute.eval_sums(params_views, x, y)
-            self.sums += (loss_sum, correct, len(x))
+            positions = slice(start, min(start + rows, hi))
+            x, y = reader.rows(positions)
+            w = reader.weights(positions)
+            loss_sum, correct = self.compute.eval_sums(params_views, x, y, w)
+            self.sums += (loss_sum, correct, len(x), len(x) if w is None else w.sum())
         self.exchange.sum_(self.sums)
-        loss_sum, correct, count = self.sums
+        loss_sum, correct, count, weight_sum = self.sums
         accuracy = correct / count if self.setup.cfg.loss == "cross-entropy" else None
-        return loss_sum / count, accuracy
+        return loss_sum / weight_sum, accuracy
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -81,6 +84,17 @@ def stopped_line(signum: int, step: int, total: int, checkpoint_dir: str | None)
     where = (f"checkpoint in {checkpoint_dir}; run the same command to resume"
              if checkpoint_dir else "no --checkpoint-dir was given, so progress is not saved")
     return f"interrupted by {signal.Signals(signum).name} after step {step}/{total}: {where}"
+
+
+def per_weight(weighted: bool, loss_sum: float, n_samples: int, weight_sum: float | None):
+    """(what a step's gradient sum is divided by, its loss sum per row): the rows and the
+    loss sum, or with weighted data the weights' sum and loss_sum·n/Σw, so that the log
+    and the metrics, which divide by the rows, show the weighted mean. A batch whose
+    weights are all 0 has zero sums: divided by 1, it moves by its L2 term only."""
+    if not weighted or weight_sum is None:
+        return n_samples, loss_sum
+    divisor = weight_sum if weight_sum > 0 else 1.0
+    return divisor, loss_sum * n_samples / divisor
 
 
 class SteadyRate:
@@ -185,21 +199,21 @@ class Run:
         raise DivergedError(f"{what} at step {self.step + 1} (epoch {self.step // self.spe + 1}); "
                             f"lower --lr or check the data{kept}")
 
-    def update_(self, loss_sum: float, correct: float, n_samples: int,
-                started: float, t_compute: float, t_exchange: float) -> None:
-        """One step from the sums of the whole global batch: the exchange moves the
-        parameters; then the log line, evaluation and checkpoint that are due.
-        `started` is the step's perf_counter start; the others are its compute and
-        gradient-exchange seconds."""
+    def update_(self, loss_sum: float, correct: float, n_samples: int, started: float,
+                t_compute: float, t_exchange: float, weight_sum: float | None = None) -> None:
+        """One step from the global batch's sums (`weight_sum`: Σ wᵢ of weighted data): the
+        exchange moves the parameters; then the log line, evaluation and checkpoint due.
+        `started` is the step's perf_counter start; the others, compute and exchange seconds."""
+        divisor, loss_sum = per_weight(self.setup.train.w is not None, loss_sum, n_samples, weight_sum)
         self.check_loss(loss_sum, n_samples)
         monitor = self.monitor
         self.opt.lr = self.control.lr(self.step)
         if monitor is not None:
             monitor.lr = self.opt.lr
-        norm = self.exchange.apply_(self.opt, n_samples,
+        norm = self.exchange.apply_(self.opt, divisor,
                                     monitor.window_due if monitor is not None else None)
         if norm is not None and monitor is not None:  # measured when the metrics want it
-            monitor.grad_norm = norm / n_samples
+            monitor.grad_norm = norm / divisor
         self.step += 1
         self.samples += n_samples
         step, cfg = self.step, self.cfg

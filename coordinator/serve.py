@@ -60,7 +60,8 @@ def serve(setup: Setup, log: Log, stop: StopRequest, keys: CurveKeys | None, spa
             loss, correct, n = result
             wall = time.perf_counter() - t0
             compute = min(coord.step_compute, wall)  # the slowest shard; the rest is exchange
-            run.update_(loss, correct, n, t0, compute, wall - compute)
+            run.update_(loss, correct, n, t0, compute, wall - compute,
+                        weight_sum=coord.shards.weight_sum)
             if stop.signum:
                 break
         run.world_size = len(coord.members)

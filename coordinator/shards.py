@@ -44,7 +44,7 @@ class Task:
     hi: int
     peer: bytes | None = None
     sent: float = 0.0              # monotonic time it was sent to its peer
-    result: tuple | None = None    # (gradient sum view, frame holding it, loss sum, correct)
+    result: tuple | None = None    # (gradient sum view, frame, loss sum, correct, weight sum)
     diverged: int = 0              # times a worker reported a non-finite loss for these rows
 
 
@@ -79,6 +79,7 @@ class Shards:
         self.params_buf = None
         self.step_compute = 0.0  # the slowest shard's compute seconds in the current step
         self.timeouts = 0
+        self.weight_sum = 0.0  # Σ weights of the step's rows, set by sum_
         self.recovering_since: float | None = None  # when rows of this step were first reassigned
 
     def start(self, step: int, params: np.ndarray, n: int) -> None:
@@ -167,15 +168,16 @@ class Shards:
             return self.reassign(task, avoid=member.peer)
         n = task.hi - task.lo
         try:
-            if msg["n"] != n or msg["correct"] > n:
-                raise ProtocolError(f"counts n={msg['n']} correct={msg['correct']} for {n} rows")
+            if msg["n"] != n or msg["correct"] > n or msg["weight"] < 0:
+                raise ProtocolError(f"counts n={msg['n']} correct={msg['correct']} "
+                                    f"weight={msg['weight']} for {n} rows")
             grad = protocol.array_from_frame(frames[2].buffer, self.dtype, self.P)
         except ProtocolError:
             self.strike(member.peer, "invalid result")
             if member.peer in self.members:
                 self.reassign(task, avoid=member.peer)
             return
-        task.result = (grad, frames[2], float(msg["loss"]), int(msg["correct"]))
+        task.result = (grad, frames[2], float(msg["loss"]), int(msg["correct"]), float(msg["weight"]))
         self.deadline.record(time.monotonic() - task.sent)
         member.misses = 0
         seconds = max(0.0, msg["seconds"])
@@ -218,7 +220,8 @@ class Shards:
 
     def sum_(self, grad_sum: np.ndarray):
         """Add the results in shard order into grad_sum; (loss, correct), or (None, None)
-        after sending back for recomputation the shards whose sums are not finite."""
+        after sending back for recomputation the shards whose sums are not finite. The
+        weight sum, added in the same order, is left in `weight_sum`."""
         done = sorted(self.tasks.values(), key=lambda t: t.lo)
         add_in_order_(grad_sum, [t.result[0] for t in done])
         if not all_finite(grad_sum):
@@ -236,8 +239,9 @@ class Shards:
             raise DivergedError(f"gradients overflowed at step {self.step + 1}; lower --lr")
         loss = sum(t.result[2] for t in done)
         correct = sum(t.result[3] for t in done)
+        self.weight_sum = sum(t.result[4] for t in done)
         for task in done:
-            task.result = (None, None, task.result[2], task.result[3])  # release the frames
+            task.result = (None, None, *task.result[2:])  # release the frames
         return loss, correct
 
 

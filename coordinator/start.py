@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 
 from ddp import checkpoint as ckpt
-from ddp.config import TRAJECTORY_KEYS, Config
+from ddp.config import FIELDS, TRAJECTORY_KEYS, Config
 from ddp.errors import UsageError
 from ddp.log import Log
 from ddp.model import init_params_
@@ -41,7 +41,8 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fi
                      log: Log) -> None:
     saved_cfg, path = found.meta.get("config", {}), found.path
     now = cfg.to_dict()
-    differ = [k for k in TRAJECTORY_KEYS if saved_cfg.get(k) != now.get(k)]
+    # a key an older checkpoint lacks had its default then
+    differ = [k for k in TRAJECTORY_KEYS if saved_cfg.get(k, FIELDS[k].default) != now.get(k)]
     if differ:
         detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}" for k in differ)
         raise UsageError(f"checkpoint {path} was written by a different run ({detail}); "

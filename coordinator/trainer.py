@@ -4,12 +4,13 @@ with the same parameters.
 
 One step, on every rank:
   1. the schedule gives this step's global batch; this rank takes its shard;
-  2. the worker writes Σ per-sample gradients of the shard into the exchange's
-     buffer, after [loss sum, sample count, correct count, stop flag], telling the
-     exchange as backward finishes each layer (so buckets can start early);
+  2. the worker writes Σ (weighted) per-sample gradients of the shard into the
+     exchange's buffer (in passes of at most --micro-batch rows), after [loss sum,
+     sample count, correct count, stop flag, weight sum], telling the exchange as
+     the last pass's backward finishes each layer (so buckets can start early);
   3. the exchange finishes: the sums of every rank have met;
   4. the run has the exchange apply the optimizer: the gradient divided by the
-     *global* sample count, whatever the shard sizes;
+     *global* weight sum (the sample count without weights), whatever the shards;
   5. rank 0 logs, shows progress and writes checkpoints.
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ from .exchange import make_exchange
 from .run import Evaluator, Run
 
 # Slots before the gradients in the step's buffer.
-LOSS, COUNT, CORRECT, STOP = range(4)
-N_STATS = 4
+LOSS, COUNT, CORRECT, STOP, WEIGHT = range(5)
+N_STATS = 5
 
 
 def start(run: Run, comm) -> None:
@@ -61,7 +62,11 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     stats, grads = exchange.buf[:N_STATS], layout.views(exchange.grad)
     # buffers for the largest shard: a batch can hold no more than the training set
     max_rows = max(1, math.ceil(min(cfg.batch_size, len(setup.train)) / world))
-    compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows)
+    scratch = None  # a pass's gradient before it joins the sum, when there are passes
+    if cfg.micro_batch and cfg.micro_batch < max_rows:
+        max_rows = cfg.micro_batch
+        scratch = layout.views(np.empty(layout.size, dtype))
+    compute = ShardCompute(layout, cfg.activation, cfg.loss, dtype, max_rows, cfg.dropout, cfg.seed)
     reader = ddata.BatchReader(setup.train, setup.schedule, max_rows, dtype, setup.mean, setup.std)
     run = Run(setup, log, exchange, Evaluator(setup, compute, exchange), monitor)
     start(run, comm)
@@ -76,9 +81,10 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
     try:
         while not run.done:
             t0 = time.perf_counter()
-            x, y = reader.shard(run.step, rank, world)
-            loss_sum, correct = compute.grad_sums_(run.params_views, grads, x, y, exchange.layer_done)
-            stats[LOSS], stats[COUNT], stats[CORRECT] = loss_sum, len(x), correct
+            lo, hi = ddata.shard_bounds(setup.schedule.batch_len(run.step), world, rank)
+            loss_sum, correct, weight = compute.batch_sums_(run.params_views, grads, scratch, reader,
+                                                            run.step, lo, hi, exchange.layer_done)
+            stats[LOSS], stats[COUNT], stats[CORRECT], stats[WEIGHT] = loss_sum, hi - lo, correct, weight
             stats[STOP] = 1 if stop.signum else 0
             t1 = time.perf_counter()
             t_compute += t1 - t0
@@ -88,7 +94,7 @@ def train(setup: Setup, comm, log: Log, stop: StopRequest, wall_start: float,
             t_exchange += t2 - t1
             stop_requested = totals[STOP] > 0
             run.update_(float(totals[LOSS]), float(totals[CORRECT]), int(totals[COUNT]),
-                        t0, t1 - t0, t2 - t1)
+                        t0, t1 - t0, t2 - t1, weight_sum=float(totals[WEIGHT]))
             if stop_requested:
                 break
         clean = True

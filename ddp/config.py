@@ -22,7 +22,7 @@ from .model import ACTIVATIONS, LOSSES
 from .validation import DTYPES, MAX_COUNT, MAX_LAYER, validate
 
 # validate and the limits live in ddp.validation; they are importable from here too
-__all__ = ["add_config_flags", "BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "Config",
+__all__ = ["add_config_flags", "BUCKET_MB", "DTYPES", "FIELDS", "MAX_COUNT", "MAX_LAYER", "TRAJECTORY_KEYS", "WORKER_KEYS", "Config",
            "build_parser", "command_parser", "config_from_job", "job_config", "load_toml",
            "parse_layers", "resolve", "validate"]
 
@@ -44,6 +44,9 @@ class Config:
     val_fraction: float = _opt("hold out this seeded fraction of the data for validation", default=0.0)
     standardize: bool = _opt("scale inputs to zero mean, unit variance (stats from the training data)",
                              default=False)
+    class_weight: str = _opt("cross-entropy: balanced weighs each training sample by n_samples / "
+                             "(n_classes · count of its class), times its weight w if the .npz "
+                             "has one", metavar="{none,balanced}", default="none")
     # model
     layers: tuple[int, ...] | None = _opt(
         "layer sizes including input and output, e.g. 784,256,10 (default: input,100,classes "
@@ -53,6 +56,9 @@ class Config:
     bias: bool = _opt("drop all biases (--no-bias)", default=True)
     loss: str = _opt("loss function", metavar="{" + ",".join(LOSSES) + "}", default="cross-entropy")
     dtype: str = _opt("floating-point type", metavar="{" + ",".join(DTYPES) + "}", default="float32")
+    dropout: float = _opt("inverted dropout: drop each hidden unit with probability p in training "
+                          "(kept ones scaled by 1/(1-p)); none at evaluation or prediction",
+                          metavar="P", default=0.0)
     init: str | None = _opt("initial parameters from this .npz (W0, b0, W1, ...)", metavar="FILE.npz",
                             default=None)
     # optimisation
@@ -130,6 +136,9 @@ class Config:
     bucket_mb: float = _opt("mpi: sum gradients in buckets of about this many MB, each started "
                             "(non-blocking) as soon as backward has produced it, last layers first; "
                             "0: one Allreduce after backward", metavar="MB", default=BUCKET_MB)
+    micro_batch: int | None = _opt("compute each shard in passes of at most M rows, summed into one "
+                                   "gradient (memory for M rows, not the shard; default: one pass, "
+                                   "ZeroMQ workers 4096 rows)", metavar="M", default=None)
     # ZeroMQ backend: a coordinator holds the model, workers compute shards
     backend: str = _opt("how gradients meet: mpi (mpirun, or one process) or zmq (a coordinator "
                         "and worker processes)", metavar="{mpi,zmq}", default="mpi")
@@ -196,7 +205,11 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 # keys that must match for a checkpoint to be resumed: they fix the data schedule and the model
 TRAJECTORY_KEYS = ("data", "samples", "val_data", "val_fraction", "standardize", "layers",
-                   "activation", "bias", "loss", "dtype", "batch_size", "seed", "shuffle")
+                   "activation", "bias", "loss", "dtype", "batch_size", "seed", "shuffle",
+                   "class_weight", "dropout")
+# keys a ZeroMQ worker needs beyond those: how it computes, not what (the sums are the
+# same up to summation order)
+WORKER_KEYS = ("micro_batch",)
 
 
 def _base_type(f) -> str:
@@ -349,14 +362,14 @@ def job_config(cfg: Config) -> dict[str, Any]:
     the keys that fix the data schedule and the model (validation data stays with
     the coordinator, which evaluates)."""
     d = cfg.to_dict()
-    job = {k: d[k] for k in TRAJECTORY_KEYS}
+    job = {k: d[k] for k in TRAJECTORY_KEYS + WORKER_KEYS}
     job["val_data"] = None
     return job
 
 
 def config_from_job(job: Any, source: str = "the coordinator's job") -> Config:
     """A Config from a job description that came over the network, checked like a TOML file."""
-    if not isinstance(job, dict) or set(job) != set(TRAJECTORY_KEYS):
+    if not isinstance(job, dict) or set(job) != set(TRAJECTORY_KEYS + WORKER_KEYS):
         raise UsageError(f"{source} does not have the expected keys; is the coordinator the "
                          f"same version of ddp-train ({__version__})?")
     cfg = Config(**{k: _coerce(k, v, source) for k, v in job.items()})

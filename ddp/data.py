@@ -41,9 +41,9 @@ def rng_for(seed: int, stream: int, *key: int) -> np.random.Generator:
 
 @dataclass
 class Dataset:
-    """Inputs X (n, D), possibly memory-mapped, and targets y, with the rows in use.
+    """Inputs X (n, D), possibly memory-mapped, targets y, weights w (None: all 1), rows in use.
 
-    `rows` selects the rows of X/y that belong to this split (None: all), so a
+    `rows` selects the rows of X/y/w that belong to this split (None: all), so a
     train/validation split of a memory-mapped file copies nothing.
     """
 
@@ -51,6 +51,7 @@ class Dataset:
     y: np.ndarray | None
     name: str
     rows: np.ndarray | None = None
+    w: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.X) if self.rows is None else len(self.rows)
@@ -61,7 +62,7 @@ class Dataset:
 
     def subset(self, rows: np.ndarray) -> "Dataset":
         base = rows if self.rows is None else self.rows[rows]
-        return Dataset(self.X, self.y, self.name, np.asarray(base, dtype=np.intp))
+        return Dataset(self.X, self.y, self.name, np.asarray(base, dtype=np.intp), self.w)
 
     def file_rows(self, positions) -> np.ndarray | slice:
         """Rows of X for positions in this split; a slice when they are a contiguous run."""
@@ -346,10 +347,17 @@ class BatchReader:
 
     def batch_part(self, step: int, lo: int, hi: int):
         """(x, y) of rows [lo, hi) of `step`'s global batch."""
+        return self.rows(self.positions(step, lo, hi))
+
+    def positions(self, step: int, lo: int, hi: int):
+        """Positions in the split of rows [lo, hi) of `step`'s global batch."""
         epoch, start, _ = self.schedule.locate(step)
         order = self.order(epoch)
-        positions = slice(start + lo, start + hi) if order is None else order[start + lo:start + hi]
-        return self.rows(positions)
+        return slice(start + lo, start + hi) if order is None else order[start + lo:start + hi]
+
+    def weights(self, positions) -> np.ndarray | None:
+        """The sample weights of the rows at `positions` (None: unweighted data)."""
+        return None if self.data.w is None else self.data.w[self.data.file_rows(positions)]
 
     def rows(self, positions):
         data = self.data
@@ -379,15 +387,14 @@ class BatchReader:
 
 def fingerprint(data: Dataset, mean: np.ndarray | None, std: np.ndarray | None,
                 chunk_rows: int = 65536) -> str:
-    """A hash of everything a worker's shards are read from: the bytes of X and y, the
-    rows in use and the standardization. Two processes that would read different
-    samples for the same positions get different fingerprints."""
+    """A hash of all a worker's shards are read from: the bytes of X, y and w, the rows in
+    use, the standardization. Processes reading different samples get different ones."""
     h = hashlib.blake2b(digest_size=16)
     X, y = data.X, data.y
     h.update(f"{X.shape}{X.dtype.str}{y.shape}{y.dtype.str}".encode())
     for start in range(0, len(X), chunk_rows):
         h.update(np.ascontiguousarray(X[start:start + chunk_rows]).data)
     h.update(np.ascontiguousarray(y).data)
-    for extra in (data.rows, mean, std):
+    for extra in (data.rows, mean, std) + (() if data.w is None else (data.w,)):
         h.update(b"-" if extra is None else np.ascontiguousarray(extra).data)
     return h.hexdigest()

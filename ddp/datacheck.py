@@ -88,6 +88,25 @@ def check_targets(y: np.ndarray, n: int, loss: str, n_out: int, what: str, dtype
     return y
 
 
+def check_weights(w: np.ndarray, n: int, what: str, dtype=None) -> np.ndarray:
+    """Validated sample weights: shape (n,), real, finite (also in the training dtype),
+    >= 0 and not all zero; returned as float64."""
+    if w.ndim != 1 or len(w) != n:
+        raise DataError(f"{what}: w must hold one weight per sample, shape ({n},), got shape "
+                        f"{w.shape}")
+    if w.dtype.kind not in "biuf":
+        raise DataError(f"{what}: w must be numeric (real integers or floats), got dtype {w.dtype}")
+    _check_finite(w, f"{what}: weights w", dtype)
+    w = np.asarray(w, dtype=np.float64)
+    negative = np.flatnonzero(w < 0)
+    if len(negative):
+        raise DataError(f"{what}: weights w must be >= 0, found {w[negative[0]]:g} at row "
+                        f"{negative[0]}")
+    if not np.any(w > 0):
+        raise DataError(f"{what}: all weights w are zero; at least one sample needs a weight > 0")
+    return w
+
+
 MAX_INFERRED_CLASSES = 100_000
 
 

@@ -75,8 +75,9 @@ DERIVATIVES = {
 }
 
 # --- losses ------------------------------------------------------------------
-# Each takes the output z (n, K) and the targets, returns the *sum* of the
-# per-sample losses and turns z in place into delta = d(sum of losses)/dz.
+# Each takes the output z (n, K), the targets and optional sample weights w (n,),
+# returns the (weighted) *sum* Σ wᵢ·ℓᵢ of the per-sample losses and turns z in place
+# into delta = d(that sum)/dz (row i scaled by wᵢ). Without w nothing is multiplied.
 
 
 def log_softmax(z):
@@ -85,7 +86,7 @@ def log_softmax(z):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def cross_entropy_(z, labels):
+def cross_entropy_(z, labels, weights=None):
     """Sum over samples of -log softmax(z)[label]; z becomes softmax(z) - onehot(label).
 
     Row maxima and sums go through argmax/take and a product with ones: numpy's
@@ -94,7 +95,7 @@ def cross_entropy_(z, labels):
     n, k = z.shape
     if not z.flags.c_contiguous:  # the training buffers always are; keep the fallback exact
         flat = np.ascontiguousarray(z)
-        loss = cross_entropy_(flat, labels)
+        loss = cross_entropy_(flat, labels, weights)
         z[...] = flat
         return loss
     flat = z.reshape(-1)
@@ -104,24 +105,33 @@ def cross_entropy_(z, labels):
     label_logits = flat.take(at_label)
     np.exp(z, out=z)
     norm = z @ np.ones((k, 1), z.dtype)                       # Σ_j exp(z_j), ≥ 1
-    loss_sum = float(np.log(norm).sum(dtype=np.float64) - label_logits.sum(dtype=np.float64))
+    if weights is None:
+        loss_sum = float(np.log(norm).sum(dtype=np.float64) - label_logits.sum(dtype=np.float64))
+    else:
+        loss_sum = float(np.dot(weights, np.log(norm[:, 0], dtype=np.float64) - label_logits))
     z /= norm
     flat[at_label] -= 1
+    if weights is not None:
+        z *= weights[:, None]
     return loss_sum
 
 
-def squared_error_(z, targets):
+def squared_error_(z, targets, weights=None):
     """Sum over samples of 1/2·Σ_j (z_j − t_j)²; z becomes z − t."""
     z -= targets.reshape(z.shape)
-    return 0.5 * float(np.vdot(z, z))
+    if weights is None:
+        return 0.5 * float(np.vdot(z, z))
+    loss_sum = 0.5 * float(np.dot(weights, np.einsum("ij,ij->i", z, z, dtype=np.float64)))
+    z *= weights[:, None]
+    return loss_sum
 
 
 LOSSES = {"cross-entropy": cross_entropy_, "mse": squared_error_}
 
 
-def loss_sum(name, z, targets):
+def loss_sum(name, z, targets, weights=None):
     """The summed loss of outputs z without touching z (evaluation and tests)."""
-    return LOSSES[name](np.array(z, copy=True), targets)
+    return LOSSES[name](np.array(z, copy=True), targets, weights)
 
 
 # --- the flat parameter buffer -----------------------------------------------

@@ -68,7 +68,7 @@ _SCHEMA = {
     "ready": {"job": "id", "fingerprint": "id"},
     "unable": {"job": "id", "reason": "str"},
     "grads": {"job": "id", "step": "int", "task": "int", "n": "int", "loss": "float", "correct": "int",
-              "seconds": "float"},
+              "weight": "float", "seconds": "float"},
     "diverged": {"job": "id", "step": "int", "task": "int"},
     "heartbeat": {"job": "ref"},
     "bye": {"job": "id"},

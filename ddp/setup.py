@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import data as ddata
+from . import weights
 from .config import Config
 from .memory import check_model_fits
 from .model import Layout
@@ -41,12 +42,19 @@ class Setup:
 def prepare(cfg: Config) -> Setup:
     """Load and validate the data; resolve the layers. Raises DDPError on bad input."""
     data, layers = ddata.load(cfg.data, cfg)
+    data = weights.with_weights(data, cfg.data, "--data", cfg.dtype)
     cfg = replace(cfg, layers=layers)
     val = None
     if cfg.val_fraction > 0:
         data, val = ddata.split(data, cfg.val_fraction, cfg.seed)
     elif cfg.val_data:
         val, _ = ddata.load(cfg.val_data, cfg, flag="--val-data")
+        val = weights.with_weights(val, cfg.val_data, "--val-data", cfg.dtype)
+    weights.check_some_weight(data, f"--data {cfg.data} (training rows)")
+    if val is not None:
+        weights.check_some_weight(val, f"--data {cfg.data} (validation rows)")
+    if cfg.class_weight == "balanced":
+        data = weights.with_class_weights(data)
     mean = std = None
     if cfg.standardize:
         mean, std = ddata.standardization(data)
@@ -58,6 +66,6 @@ def assemble(cfg: Config, train: ddata.Dataset, val: ddata.Dataset | None,
     """The Setup of `cfg` (layers resolved) over data already loaded and checked for it:
     the memory check, the layout and the schedule."""
     check_model_fits(cfg.layers, cfg.bias, np.dtype(cfg.dtype).itemsize,
-                     min(cfg.batch_size, max(len(train), 1)))
+                     min(cfg.batch_size, max(len(train), 1), cfg.micro_batch or cfg.batch_size))
     schedule = ddata.Schedule(len(train), cfg.batch_size, cfg.seed, cfg.shuffle)
     return Setup(cfg, Layout(cfg.layers, cfg.bias), train, val, schedule, mean, std)

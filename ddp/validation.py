@@ -30,7 +30,7 @@ _MAXIMA = {name: MAX_COUNT for name in ("samples", "batch_size", "steps", "epoch
                                          "eval_every", "log_every", "checkpoint_every",
                                          "min_workers", "max_running", "warmup_steps",
                                          "lr_step_every", "lr_plateau_patience",
-                                         "early_stopping")}
+                                         "early_stopping", "micro_batch")}
 _MAXIMA.update(threads=MAX_THREADS, workers=MAX_THREADS, bucket_mb=MAX_BUCKET_MB,
                worker_timeout=MAX_SECONDS, shard_timeout=MAX_SECONDS, stall_timeout=MAX_SECONDS)
 
@@ -114,6 +114,18 @@ def _check_run(cfg) -> None:
     _need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
           f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
     _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    _check_weights_and_passes(cfg)
+
+
+def _check_weights_and_passes(cfg) -> None:
+    """Sample weights, dropout and micro-batches."""
+    _need(cfg.class_weight in ("none", "balanced"),
+          f"--class-weight {cfg.class_weight!r} is not one of: none, balanced")
+    _need(cfg.class_weight == "none" or cfg.loss == "cross-entropy",
+          "--class-weight balanced needs class labels: it applies to --loss cross-entropy only")
+    _need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    _need(cfg.micro_batch is None or cfg.micro_batch > 0,
+          f"--micro-batch must be a positive integer, got {cfg.micro_batch}")
 
 
 def _check_schedule(cfg) -> None:

@@ -20,7 +20,8 @@ VALID = {
     "hello": {"host": "0123456789abcdef", "cores": 2},
     "ready": {"job": JOB, "fingerprint": FP},
     "unable": {"job": JOB, "reason": "--data x.npz: no such file"},
-    "grads": {"job": JOB, "step": 3, "task": 7, "n": 21, "loss": 12.5, "correct": 20, "seconds": 0.25},
+    "grads": {"job": JOB, "step": 3, "task": 7, "n": 21, "loss": 12.5, "correct": 20, "weight": 21.0,
+              "seconds": 0.25},
     "diverged": {"job": JOB, "step": 3, "task": 7},
     "heartbeat": {"job": JOB},
     "bye": {"job": JOB},
@@ -347,7 +348,7 @@ def test_error_messages_are_bounded():
 
 
 def test_truncated_valid_headers_are_all_rejected():
-    raw = encode("grads", job=JOB, step=1, task=2, n=3, loss=0.5, correct=1, seconds=0.5)
+    raw = encode("grads", job=JOB, step=1, task=2, n=3, loss=0.5, correct=1, weight=3.0, seconds=0.5)
     for cut in range(len(raw)):
         with pytest.raises(ProtocolError):
             decode(raw[:cut], FROM_WORKER)

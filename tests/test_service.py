@@ -303,7 +303,8 @@ def test_the_service_survives_what_arrives_and_trusts_none_of_it(tmp_path, procs
         [request("submit", config={"data": "digits"}, priority=10 ** 9)], [request("rm", id="1")],
         [request("submit", config={"data": "digits"}, name="\x1b[2J")],
         [protocol.encode("ready", job="ab" * 8, fingerprint="cd" * 8)],
-        [protocol.encode("grads", job="ab" * 8, step=0, task=1, n=1, loss=0.0, correct=0, seconds=0.0),
+        [protocol.encode("grads", job="ab" * 8, step=0, task=1, n=1, loss=0.0, correct=0, weight=1.0,
+                         seconds=0.0),
          b"\0" * 16],
         [protocol.encode("heartbeat", job="")], [protocol.encode("bye", job="ab" * 8)],
     ]

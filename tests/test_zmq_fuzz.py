@@ -173,7 +173,7 @@ class Junk:
             "ready": {"job": job, "fingerprint": hexid(r, 32)},
             "grads": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6),
                       "n": r.randrange(64), "loss": r.random() * 10, "correct": r.randrange(64),
-                      "seconds": r.random()},
+                      "weight": r.random() * 64, "seconds": r.random()},
             "diverged": {"job": job, "step": r.randrange(STEPS), "task": r.randrange(1, 10**6)},
             "heartbeat": {"job": job},
             "bye": {"job": job},
@@ -213,7 +213,7 @@ class Junk:
             return self.json_msg(type_, fields)
         if kind == 5:  # JSON constants / overflowing numbers
             raw = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.5, correct=0,
-                                  seconds=0.01)
+                                  weight=1.0, seconds=0.01)
             const = r.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"])
             field = r.choice([b'"loss":0.5', b'"step":1', b'"n":1'])
             raw = raw.replace(field, field.split(b":")[0] + b":" + const)
@@ -240,10 +240,10 @@ class Junk:
             if r.random() < 0.5:
                 return [protocol.encode("heartbeat", job=self.job), small(r)]
             return [protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1,
-                                    seconds=0.01)]
+                                    weight=1.0, seconds=0.01)]
         if kind == 9:  # too many frames
             head = protocol.encode("grads", job=self.job, step=1, task=1, n=1, loss=0.1, correct=1,
-                                   seconds=0.01)
+                                   weight=1.0, seconds=0.01)
             return [head] + [r.randbytes(r.randrange(64)) for _ in range(r.randint(3, 40))]
         if kind == 10:  # a header above MAX_HEADER, up to the size of a valid array frame
             size = r.choice([protocol.MAX_HEADER + 1, 20_000, MAXMSG])
@@ -361,7 +361,8 @@ def oversize_fuzzer(sockets: Sockets, job: str, stats: Stats, errors: list):
     """Frames above MAXMSGSIZE (10-50 MB, and just above it): libzmq must drop the connection
     at the frame's size prefix; a frame of a valid array's size still gets through."""
     big = bytes(50 << 20)
-    head = protocol.encode("grads", job=job, step=0, task=1, n=1, loss=0.1, correct=1, seconds=0.01)
+    head = protocol.encode("grads", job=job, step=0, task=1, n=1, loss=0.1, correct=1, weight=1.0,
+                           seconds=0.01)
     try:
         s = sockets.dealer()
         mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -560,7 +561,8 @@ class Member:
         elif ending == "oversize":
             # dropped by libzmq with the connection; the reconnected peer is still answered
             head = protocol.encode("grads", job=self.job, step=msg["step"], task=msg["task"],
-                                   n=msg["hi"] - msg["lo"], loss=1.0, correct=0, seconds=0.01)
+                                   n=msg["hi"] - msg["lo"], loss=1.0, correct=0,
+                                   weight=1.0, seconds=0.01)
             s.send_multipart([head, garbage(self.rng, ABOVE_LIMIT)])
             self.stats.add(1)
             self.sync(s)
@@ -603,7 +605,7 @@ class Member:
 
         def grads(**kw):
             f = dict(job=job, step=step, task=task, n=n, loss=r.random() * 50, correct=r.randint(0, n),
-                     seconds=0.01)
+                     weight=float(n), seconds=0.01)
             f.update(kw)
             return protocol.encode("grads", **f)
 

@@ -184,7 +184,7 @@ class Peer:
         """Answer `task` (with its rows' gradients unless `array`); `fields` override the header's."""
         n = task["hi"] - task["lo"]
         head = dict(job=self.job, step=task["step"], task=task["task"], n=n, loss=float(n),
-                    correct=0, seconds=0.001)
+                    correct=0, weight=float(n), seconds=0.001)
         head.update(fields)
         if array is None:
             array = rows_grads(task["step"], task["lo"], task["hi"], self.served.coord.P)

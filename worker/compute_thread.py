@@ -23,7 +23,8 @@ from ddp.setup import assemble, prepare
 
 from .compute import ShardCompute
 
-CHUNK_ROWS = 4096       # rows per forward/backward pass; larger shards are summed in chunks
+CHUNK_ROWS = 4096       # rows per forward/backward pass (without --micro-batch); larger
+                        # shards are summed in passes
 CACHED_DATASETS = 3     # data sets a worker keeps for the next jobs on the same data
 # beside the fingerprint of the training rows (which covers the file, the split and the
 # standardization), the job keys that decide how the rows were read and checked
@@ -77,11 +78,12 @@ class Job:
         self.dtype = np.dtype(setup.cfg.dtype)
         self.schedule = setup.schedule
         self.n_samples = len(setup.train)
-        self.max_rows = max(1, min(setup.cfg.batch_size, self.n_samples, CHUNK_ROWS))
+        self.max_rows = max(1, min(setup.cfg.batch_size, self.n_samples,
+                                   setup.cfg.micro_batch or CHUNK_ROWS))
         self.reader = ddata.BatchReader(setup.train, self.schedule, self.max_rows, self.dtype,
                                         setup.mean, setup.std)
         self.compute = ShardCompute(self.layout, setup.cfg.activation, setup.cfg.loss, self.dtype,
-                                    self.max_rows)
+                                    self.max_rows, setup.cfg.dropout, setup.cfg.seed)
         self.fingerprint = setup.fingerprint()
         self.buffers = GradBuffers(self.layout.size, self.dtype)
         self.scratch = np.empty(self.layout.size, self.dtype)
@@ -111,7 +113,7 @@ class ComputeThread(threading.Thread):
     """Σ gradients over rows [lo, hi) of a step's batch, one task after another.
 
     Tasks are (generation, task message, parameters, job); each result is (generation,
-    message, loss sum, correct count, buffer entry, seconds). `wake` is the caller's
+    message, loss sum, correct count, weight sum, buffer entry, seconds). `wake` is the caller's
     end of an inproc pair, bound here in the caller's thread: it is readable when a
     result is ready, so the caller polls it beside its other sockets.
     """
@@ -169,8 +171,9 @@ class ComputeThread(threading.Thread):
                     return
                 generation, msg, params, job = item
                 started = time.perf_counter()
-                loss, correct, entry = self._compute(job, msg, params)
-                self.results.put((generation, msg, loss, correct, entry, time.perf_counter() - started))
+                loss, correct, weight, entry = self._compute(job, msg, params)
+                self.results.put((generation, msg, loss, correct, weight, entry,
+                                  time.perf_counter() - started))
                 self.tasks.task_done()
                 wake.send(b"")
         finally:
@@ -178,17 +181,9 @@ class ComputeThread(threading.Thread):
 
     def _compute(self, job: Job, msg: dict, params: np.ndarray):
         step, lo, hi = msg["step"], msg["lo"], msg["hi"]
-        views = job.layout.views(params)
         entry = job.buffers.take()
-        grad, scratch = entry[0], job.scratch
-        loss, correct = 0.0, 0
-        for a in range(lo, hi, job.max_rows):
-            b = min(a + job.max_rows, hi)
-            x, y = job.reader.batch_part(step, a, b)
-            target = grad if a == lo else scratch
-            part_loss, part_correct = job.compute.grad_sums_(views, job.layout.views(target), x, y)
-            if a != lo:
-                grad += scratch
-            loss += part_loss
-            correct += part_correct
-        return loss, correct, entry
+        layout = job.layout
+        loss, correct, weight = job.compute.batch_sums_(
+            layout.views(params), layout.views(entry[0]), layout.views(job.scratch), job.reader,
+            step, lo, hi)
+        return loss, correct, weight, entry

@@ -170,10 +170,10 @@ class WorkerService:
             self.conn.send(protocol.encode("heartbeat", job=self.job_id or ""))
 
     def _send_results(self) -> None:
-        for generation, msg, loss, correct, entry, seconds in self.compute.finished():
+        for generation, msg, loss, correct, weight, entry, seconds in self.compute.finished():
             tracker = None
             if generation == self.generation and self.state == "member":
-                header = result_header(self.job_id, msg, loss, correct, seconds)
+                header = result_header(self.job_id, msg, loss, correct, weight, seconds)
                 tracker = self.conn.send(header, entry[0] if np.isfinite(loss) else None)
             if tracker is None:
                 entry[1] = False  # the buffer is free again
@@ -295,13 +295,14 @@ def task_params(msg: dict, frame, job: Job) -> np.ndarray:
     return protocol.array_from_frame(frame.buffer, job.dtype, job.layout.size)
 
 
-def result_header(job_id: str, msg: dict, loss: float, correct: int, seconds: float) -> bytes:
+def result_header(job_id: str, msg: dict, loss: float, correct: int, weight: float,
+                  seconds: float) -> bytes:
     """The answer to a task: its sums' header ("grads"), or "diverged" for a non-finite loss."""
     if not np.isfinite(loss):
         return protocol.encode("diverged", job=job_id, step=msg["step"], task=msg["task"])
     return protocol.encode("grads", job=job_id, step=msg["step"], task=msg["task"],
                            n=msg["hi"] - msg["lo"], loss=float(loss), correct=int(correct),
-                           seconds=seconds)
+                           weight=float(weight), seconds=seconds)
 
 
 def decode_frames(frames: list) -> dict:
