@@ -115,3 +115,51 @@ def test_early_stopping_with_everything_stops_alike_on_1_and_3_ranks(tmp_path, d
     assert (s1["steps"], s1["best_step"]) == (s3["steps"], s3["best_step"])
     for k in KEYS:
         np.testing.assert_allclose(m3[k], m1[k], rtol=0, atol=1e-10, err_msg=k)
+
+
+def test_weights_schedule_and_clipping_together_match_pytorch(tmp_path):
+    """Adam + cosine with warmup + clipping on weighted data, 9 steps, against float64
+    torch.nn.Linear layers trained on Σwᵢℓᵢ/Σwᵢ with the issue's rate formula."""
+    torch = pytest.importorskip("torch", reason="the reference needs PyTorch (pip install torch)")
+    import math
+
+    layers, n, batch, steps, warmup, lr, lr_min = (4, 8, 3), 40, 10, 9, 3, 0.05, 0.005
+    rng = np.random.default_rng(5)
+    X, y, w = rng.standard_normal((n, 4)), rng.integers(0, 3, n), rng.integers(0, 4, n).astype(float)
+    init = {}
+    for i, (a, b) in enumerate(zip(layers, layers[1:])):
+        init[f"W{i}"], init[f"b{i}"] = rng.standard_normal((a, b)) / math.sqrt(a), 0.1 * rng.standard_normal(b)
+    np.savez(tmp_path / "data.npz", X=X, y=y, w=w)
+    np.savez(tmp_path / "init.npz", **init)
+    out = tmp_path / "ours.npz"
+    r = train_here(["--data", tmp_path / "data.npz", "--init", tmp_path / "init.npz", "--layers", "4,8,3",
+                    "--activation", "tanh", "--batch-size", batch, "--steps", steps, "--no-shuffle",
+                    "--dtype", "float64", "--optimizer", "adam", "--lr", lr, "--lr-schedule", "cosine",
+                    "--warmup-steps", warmup, "--lr-min", lr_min, "--clip-norm", "0.2", "--output", out])
+    assert r.returncode == 0, r.stderr
+    ours = load_model(out)
+
+    linears = [torch.nn.Linear(a, b, dtype=torch.float64) for a, b in zip(layers, layers[1:])]
+    with torch.no_grad():
+        for i, layer in enumerate(linears):
+            layer.weight.copy_(torch.from_numpy(init[f"W{i}"].T))
+            layer.bias.copy_(torch.from_numpy(init[f"b{i}"]))
+    model = torch.nn.Sequential(linears[0], torch.nn.Tanh(), linears[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    Xt, yt, wt = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(w)
+    clipped = 0
+    for t in range(steps):
+        p = min(max((t - warmup) / max(1, steps - warmup), 0.0), 1.0)
+        rate = (lr_min + (lr - lr_min) * (1 + math.cos(math.pi * p)) / 2) * min(1.0, (t + 1) / warmup)
+        for group in opt.param_groups:
+            group["lr"] = rate
+        lo = (t % (n // batch)) * batch
+        opt.zero_grad()
+        each = torch.nn.functional.cross_entropy(model(Xt[lo:lo + batch]), yt[lo:lo + batch], reduction="none")
+        ((wt[lo:lo + batch] * each).sum() / wt[lo:lo + batch].sum()).backward()
+        clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)) > 0.2
+        opt.step()
+    assert clipped, "the clip acted"
+    for i, layer in enumerate(linears):
+        for key, ref in ((f"W{i}", layer.weight.detach().numpy().T), (f"b{i}", layer.bias.detach().numpy())):
+            np.testing.assert_allclose(ours[key], ref, rtol=1e-9, atol=1e-12, err_msg=key)
