@@ -13,6 +13,7 @@ from ddp.config import FIELDS, TRAJECTORY_KEYS, Config
 from ddp.errors import UsageError
 from ddp.log import Log
 from ddp.model import init_params_
+from ddp.optim import SGD_MOMENTUM
 from ddp.setup import Setup
 
 
@@ -62,10 +63,19 @@ def _check_resumable(found: ckpt.Checkpoint, cfg: Config, params: np.ndarray, fi
                          f"parameters, this model has {params.dtype}[{params.size}]; use another "
                          f"--checkpoint-dir or --no-resume to start over")
     changed = [k for k in ("lr", "momentum", "l2", *_OPTIMIZER_KEYS)
-               if k in saved_cfg and saved_cfg[k] != now.get(k)]
+               if k in saved_cfg and _effective(saved_cfg, k) != _effective(now, k)]
     if changed:
         log.warn("resuming with changed " + ", ".join(
-            f"{k} ({saved_cfg.get(k)} → {now.get(k)})" for k in changed))
+            f"{k} ({_effective(saved_cfg, k)} → {_effective(now, k)})" for k in changed))
+
+
+def _effective(config: dict, key: str):
+    """A config's value of `key` as the run uses it: SGD's momentum None is 0.9 (the
+    default that checkpoints written before --optimizer name)."""
+    value = config.get(key)
+    if key == "momentum" and value is None and config.get("optimizer", "sgd") == "sgd":
+        return SGD_MOMENTUM
+    return value
 
 
 def _check_optimizer_state(found: ckpt.Checkpoint, opt) -> None:

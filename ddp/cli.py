@@ -37,7 +37,7 @@ __all__ = ["run_train", "train_main", "coordinator_main", "run_predict", "predic
 SERVICE_ONLY = ("state_dir", "max_running", "client_keys")  # ddp-coordinator's flags only
 
 TRAIN_DESCRIPTION = """\
-Train a multilayer perceptron with minibatch SGD, data-parallel over the ranks
+Train a multilayer perceptron (SGD, Adam or AdamW), data-parallel over the ranks
 of `mpirun -n N ddp-train ...` (plain `ddp-train` is one process). Each rank
 computes the gradient sums of its shard of every global batch; the sums meet in
 Allreduces of --bucket-mb buckets started during backward or, for ranks on one
@@ -55,7 +55,7 @@ COORDINATOR_DESCRIPTION = """\
 Run a training job as a ZeroMQ coordinator: it holds the model and the
 optimizer, serves workers (ddp-worker --connect ENDPOINT) on --bind, cuts every
 global batch into contiguous shards over the workers present, adds their
-gradient sums and applies the SGD step. Workers may join, leave or die at any
+gradient sums and applies the optimizer's step. Workers may join, leave or die at any
 time; a shard that was lost is recomputed, so the result is that of an
 undisturbed run. Takes every training flag of ddp-train.
 

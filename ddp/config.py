@@ -63,7 +63,8 @@ class Config:
                             default=None)
     # optimisation
     lr: float = _opt("learning rate", default=0.1)
-    momentum: float = _opt("sgd: momentum μ: v ← μ·v + g; θ ← θ − lr·v", default=0.9)
+    momentum: float | None = _opt("sgd: momentum μ: v ← μ·v + g; θ ← θ − lr·v (default: 0.9)",
+                                  default=None)
     l2: float = _opt("L2 penalty λ: adds ½·λ·Σ‖W‖² over the weight matrices", default=0.0)
     optimizer: str = _opt("the update rule: sgd (momentum, optionally Nesterov), adam or adamw "
                           "(as torch.optim)", metavar="{sgd,adam,adamw}", default="sgd")

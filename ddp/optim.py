@@ -223,6 +223,9 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
+SGD_MOMENTUM = 0.9
+
+
 def parse_betas(text: str) -> tuple[float, float]:
     """β₁,β₂ from "0.9,0.999"; ValueError unless they are two numbers, each in [0, 1)."""
     betas = tuple(float(b) for b in str(text).split(","))
@@ -239,6 +242,11 @@ def clip_(g: np.ndarray, sq_norm: float, max_norm: float) -> None:
         g *= scale
 
 
+def sgd_momentum(cfg) -> float:
+    """SGD's μ: --momentum, else 0.9 (a flag of sgd only: None with adam and adamw)."""
+    return SGD_MOMENTUM if cfg.momentum is None else cfg.momentum
+
+
 def state_slots(cfg) -> int:
     """How many arrays of per-parameter state the optimizer `cfg` asks for keeps (the
     exchange allocates them where the parameters live)."""
@@ -251,7 +259,7 @@ def make_optimizer(cfg, layout: Layout, state_for=None) -> Optimizer:
     state = state_for(state_slots(cfg)) if state_for is not None else None
     dtype = np.dtype(cfg.dtype)
     if cfg.optimizer == "sgd":
-        return SGD(layout, dtype, cfg.lr, cfg.momentum, cfg.l2, state, cfg.nesterov, cfg.clip_norm)
+        return SGD(layout, dtype, cfg.lr, sgd_momentum(cfg), cfg.l2, state, cfg.nesterov, cfg.clip_norm)
     betas = ADAM_BETAS if cfg.betas is None else parse_betas(cfg.betas)
     eps = ADAM_EPS if cfg.eps is None else cfg.eps
     if cfg.optimizer == "adam":

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .errors import UsageError
 from .files import check_input_file, check_output_target
 from .model import ACTIVATIONS, LOSSES
-from .optim import OPTIMIZERS, parse_betas
+from .optim import OPTIMIZERS, parse_betas, sgd_momentum
 from .schedule import SCHEDULES
 
 DTYPES = ("float32", "float64")
@@ -92,7 +92,8 @@ def _check_choices(cfg) -> None:
 def _check_run(cfg) -> None:
     """The optimiser, the schedule, the intervals and the machine."""
     _need(cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
-    _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    _need(cfg.momentum is None or 0 <= cfg.momentum < 1,
+          f"--momentum must be in [0, 1), got {cfg.momentum}")
     _need(cfg.l2 >= 0 and _finite(cfg.l2), f"--l2 must be >= 0, got {cfg.l2}")
     _need(cfg.max_loss is None or (cfg.max_loss > 0 and _finite(cfg.max_loss)),
           f"--max-loss must be a positive finite number, got {cfg.max_loss}")
@@ -165,7 +166,7 @@ def _check_schedule(cfg) -> None:
 
 # options that mean something only to some optimizers, and those optimizers
 _OPTIMIZER_ONLY = {"betas": ("adam", "adamw"), "eps": ("adam", "adamw"),
-                   "weight_decay": ("adamw",), "nesterov": ("sgd",)}
+                   "weight_decay": ("adamw",), "nesterov": ("sgd",), "momentum": ("sgd",)}
 
 
 def _check_optimizer(cfg) -> None:
@@ -188,7 +189,7 @@ def _check_optimizer(cfg) -> None:
           f"--eps must be a positive number, got {cfg.eps}")
     _need(cfg.weight_decay is None or (cfg.weight_decay >= 0 and _finite(cfg.weight_decay)),
           f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
-    _need(not cfg.nesterov or cfg.momentum > 0, "--nesterov needs --momentum > 0")
+    _need(not cfg.nesterov or sgd_momentum(cfg) > 0, "--nesterov needs --momentum > 0")
     _need(cfg.clip_norm is None or (cfg.clip_norm > 0 and _finite(cfg.clip_norm)),
           f"--clip-norm must be a positive number, got {cfg.clip_norm}")
 

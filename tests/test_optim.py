@@ -322,6 +322,7 @@ def test_a_checkpoint_with_a_bad_optimizer_entry_is_skipped(tmp_path, optimizer)
     (["--weight-decay", "0.1"], "--weight-decay applies to --optimizer adamw only, not sgd"),
     (["--optimizer", "adam", "--weight-decay", "0.1"], "--weight-decay applies to --optimizer adamw"),
     (["--optimizer", "adam", "--nesterov"], "--nesterov applies to --optimizer sgd only, not adam"),
+    (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum applies to --optimizer sgd only, not adamw"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum > 0"),
     (["--optimizer", "lion"], "--optimizer 'lion' is not one of: sgd, adam, adamw"),
     (["--optimizer", "adam", "--betas", "0.9"], "--betas must be two numbers in [0, 1)"),
