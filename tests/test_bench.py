@@ -253,6 +253,18 @@ def test_every_program_gets_the_same_thread_count(monkeypatch):
                     assert cmd[:3] == [*opts.mpirun, "-n", str(ranks)]
 
 
+def test_ddp_runs_the_loops_plain_sgd_unless_train_args_pick_another_optimizer():
+    """--momentum is sgd's flag: with --train-args '--optimizer adam' it is not passed
+    (ddp-train would refuse it), and a --momentum in --train-args wins over the default."""
+    from ddp.config import build_parser
+
+    for train_args, momentum in (((), "0"), (("--momentum", "0.9"), "0.9"),
+                                 (("--optimizer", "adam"), None), (("--optimizer=adamw",), None)):
+        cmd = command("ddp", (16, 8, 4), 2, options(train_args=train_args), "summary.json")
+        args = build_parser("ddp-train", "").parse_args(cmd[cmd.index("train") + 1:])
+        assert args.momentum == (None if momentum is None else float(momentum)), cmd
+
+
 # --- one program, really run: failures and timeouts ----------------------------------------
 
 

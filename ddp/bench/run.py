@@ -82,10 +82,23 @@ def _loop_args(layers, ranks: int, opts: Options) -> list[str]:
 def _train_args(layers, ranks: int, opts: Options, summary: str) -> list[str]:
     """ddp-train's flags for the same job as the loops'. Its steady rate starts after
     min(20, total/5) steps: with the default --warmup 20 that is exactly the loops' warm-up."""
+    # the loops' plain SGD, unless --train-args picks another optimizer (--momentum is sgd's)
+    momentum = ["--momentum", "0"] if _optimizer(opts.train_args) == "sgd" else []
     return ["--data", f"random:{opts.samples}", "--layers", layers_text(layers),
-            "--batch-size", str(opts.batch), "--steps", str(opts.warmup + opts.steps), "--momentum", "0", "--lr", str(LR),
-            "--dtype", "float32", "--progress", "never", "--summary-json", summary,
+            "--batch-size", str(opts.batch), "--steps", str(opts.warmup + opts.steps), *momentum,
+            "--lr", str(LR), "--dtype", "float32", "--progress", "never", "--summary-json", summary,
             "--threads", str(opts.threads_per_rank(ranks)), *opts.train_args]
+
+
+def _optimizer(train_args: list[str]) -> str:
+    """The --optimizer that ddp-train's extra flags choose (the last one given), or sgd."""
+    chosen = "sgd"
+    for i, arg in enumerate(train_args):
+        if arg == "--optimizer" and i + 1 < len(train_args):
+            chosen = train_args[i + 1]
+        elif arg.startswith("--optimizer="):
+            chosen = arg.split("=", 1)[1]
+    return chosen
 
 
 def command(program: str, layers: tuple[int, ...], ranks: int, opts: Options, summary: str) -> list[str]:
