@@ -2,7 +2,6 @@
 its errors are the CLI's, raised; the arrays' temporary file goes afterwards."""
 import os
 import tempfile
-import textwrap
 
 import numpy as np
 import pytest
