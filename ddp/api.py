@@ -15,10 +15,10 @@ import numpy as np
 
 from .api_model import Model
 from .config import FIELDS, Config, _coerce, _unknown_key_message, load_toml
-from .errors import EXIT_INTERNAL, EXIT_OK, DDPError, UsageError
+from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, UsageError
 from .log import Log
 from .model import quiet_float_warnings
-from .session import Training
+from .session import Training, check_zmq_run
 from .signals import StopRequest
 from .validation import validate
 
@@ -159,11 +159,7 @@ def _comm(cfg: Config):
     from ddp.coordinator.mpi import LocalComm, launched_size, make_comm
 
     if cfg.backend == "zmq":
-        if launched_size() > 1:
-            raise UsageError("--backend zmq starts its own worker processes; run it without "
-                             "mpirun or srun")
-        if cfg.workers == 0 and not cfg.bind:
-            raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
+        check_zmq_run(cfg, PROG, launched_size())
         return LocalComm()
     # alone, the run needs no MPI (a world of one)
     return LocalComm() if launched_size() <= 1 else make_comm()
@@ -181,7 +177,7 @@ def _run(cfg: Config) -> TrainResult:
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
             stop.install()
         summary = training.run()
-        code = EXIT_OK if not summary["interrupted"] else EXIT_INTERNAL
+        code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
         model = _final_model(cfg, comm, training, summary)
         return TrainResult(model, summary, _history(cfg.log_jsonl) if comm.rank == 0 else [])
     except DDPError as e:

@@ -53,10 +53,12 @@ class Model:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
+        """``W0, b0, W1, …`` (copies), named as in the model file."""
         return self.layout.arrays(self.flat)
 
     @property
     def is_classifier(self) -> bool:
+        """Trained with cross-entropy: predicts class indices."""
         return self.config["loss"] == "cross-entropy"
 
     def outputs(self, X, batch_size: int = PREDICT_BATCH):

@@ -26,7 +26,7 @@ from .log import Log, stamped
 from .model import quiet_float_warnings
 from .predict import predict_main, run_predict
 from .signals import StopRequest
-from .session import Training
+from .session import Training, check_zmq_run
 from .worker_cli import run_worker, worker_main
 
 __all__ = ["run_train", "train_main", "coordinator_main", "run_predict", "predict_main",
@@ -118,7 +118,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
         if cfg.state_dir:
             _check_service_flags(args)
         if cfg.backend == "zmq":
-            _check_zmq_run(cfg, prog, launched_size())
+            check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
         return cfg, e
     return cfg, None
@@ -135,15 +135,6 @@ def _check_service_flags(args) -> None:
         raise UsageError(f"--state-dir starts the training service, which takes its jobs from "
                          f"ddp-job submit: give --{given[0].replace('_', '-')} (and the other "
                          f"training flags) to ddp-job submit, or drop --state-dir to run one job")
-
-
-def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
-    if launched > 1:
-        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
-    if prog == "ddp-coordinator" and not cfg.bind:
-        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
-    if cfg.workers == 0 and not cfg.bind:
-        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
 
 
 class _TrainRun:

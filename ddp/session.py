@@ -8,11 +8,21 @@ import time
 from typing import NamedTuple
 
 from .config import Config
-from .errors import DDPError, missing_package
+from .errors import DDPError, UsageError, missing_package
 from .log import Log
 from .monitor import open_monitor
 from .signals import StopRequest
 from .threads import choose_threads, host_cores, limit_threads
+
+
+def check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
+    """Refuse a --backend zmq run that cannot work this way (`launched`: processes started)."""
+    if launched > 1:
+        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
+    if prog == "ddp-coordinator" and not cfg.bind:
+        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
+    if cfg.workers == 0 and not cfg.bind:
+        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
 
 
 class Threads(NamedTuple):

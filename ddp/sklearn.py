@@ -53,8 +53,6 @@ class _DDPEstimator(BaseEstimator):
         self.n_workers = n_workers
         self.backend = backend
 
-    # --- the run's config keys ------------------------------------------------
-
     def _keys(self, n_samples: int, n_features: int, n_outputs: int, seed: int) -> dict:
         """The ddp.train keys these parameters mean for a data set of this shape."""
         if self.activation not in ACTIVATIONS:
@@ -141,7 +139,9 @@ class DDPClassifier(ClassifierMixin, _DDPEstimator):
     solver : {"adam", "sgd", "adamw"}, default="adam"
         The optimizer.
     alpha : float, default=0.0001
-        The L2 penalty (ddp-train's ``l2``).
+        ddp-train's ``l2``: ``½·alpha·Σ‖W‖²`` is added to the mean loss (MLPClassifier
+        divides its penalty by the batch size; this one does not, so that fitting with
+        weights equals fitting with repeated rows whatever the data's size).
     batch_size : int or "auto", default="auto"
         Global batch size; "auto" is ``min(200, n_samples)``.
     learning_rate_init : float, default=0.001

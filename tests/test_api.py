@@ -86,6 +86,10 @@ np.savez(sys.argv[1] + f"-{{rank}}.npz", world=result.summary["world_size"], **r
 
 
 def run_script(tmp_path, extra: dict, n: int | None = None):
+    """The script on n ranks (alone without n), its temporary files in tmp_path/tmp,
+    which is left empty."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     script = tmp_path / "script.py"
     script.write_text(SCRIPT.format(keys=KEYS, extra=extra))
     cmd = [PY, str(script), str(tmp_path / "params")]
@@ -93,8 +97,9 @@ def run_script(tmp_path, extra: dict, n: int | None = None):
         if MPIRUN is None:
             pytest.skip("no mpirun/mpiexec found (pip install mpich)")
         cmd = [MPIRUN, "-n", str(n), *cmd]
-    res = run(cmd, timeout=180, cwd=tmp_path)
+    res = run(cmd, timeout=180, cwd=tmp_path, env=dict(os.environ, TMPDIR=str(scratch)))
     assert res.returncode == 0, res.stderr
+    assert os.listdir(scratch) == []  # the arrays' file (and the workers' sockets) went
 
 
 def saved(path) -> tuple[int, dict]:
@@ -141,6 +146,8 @@ def test_unknown_key_and_wrong_type(tmp_path):
         train_in_process(data="digits", lrr=0.1)
     with pytest.raises(UsageError, match="ddp.train: epochs must be an int, got 'two'"):
         train_in_process(data="digits", epochs="two")
+    with pytest.raises(UsageError, match="--workers 0 starts no workers"):
+        train_in_process(data="digits", backend="zmq", workers=0)
     with pytest.raises(UsageError, match="not both"):
         train_in_process(data="digits", X=np.zeros((3, 2)), y=np.zeros(3))
 
