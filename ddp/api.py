@@ -110,9 +110,16 @@ def train(config: str | None = None, *, X=None, y=None, sample_weight=None, verb
             init_params.save(values["init"])
         values.setdefault("output", os.path.join(scratch, "model.npz"))
         values.setdefault("log_jsonl", os.path.join(scratch, "log.jsonl"))
+        scratch_keys = [k for k in ("data", "init", "output", "log_jsonl")
+                        if str(values.get(k, "")).startswith(scratch)]
         cfg = Config(**values)
         validate(cfg)
-        return _run(cfg)
+        result = _run(cfg)
+        if result.model is not None:  # the scratch files' paths mean nothing once they are gone
+            training = result.model.config.get("training", {})
+            for key in scratch_keys:
+                training[key] = None
+        return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -55,6 +55,7 @@ def test_in_process_equals_ddp_train(arrays, reference):
     X, y, w, _ = arrays
     result = train_in_process(X=X, y=y, sample_weight=w, verbose=False, **KEYS)
     assert_same(result.model.params, reference)
+    assert result.model.config["training"]["data"] is None  # the arrays' file is gone
     assert result.summary["steps"] == 20 and not result.summary["interrupted"]
     steps = result.steps
     assert steps and steps[-1]["step"] == 20 and all("loss" in s for s in steps)
