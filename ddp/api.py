@@ -2,6 +2,7 @@
 arrays, in process, under mpirun (every rank calls it) or on ZeroMQ workers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,7 +98,6 @@ def train(config: str | None = None, *, X=None, y=None, sample_weight=None, verb
     uncompressed .npz in a private temporary directory, read memory-mapped; the
     directory is removed when ``train`` returns or raises.
     """
-    quiet_float_warnings()
     scratch = tempfile.mkdtemp(prefix="ddp-train-")
     try:
         values = _values(config, keys, verbose)
@@ -114,7 +114,8 @@ def train(config: str | None = None, *, X=None, y=None, sample_weight=None, verb
                         if str(values.get(k, "")).startswith(scratch)]
         cfg = Config(**values)
         validate(cfg)
-        result = _run(cfg)
+        with _process_state():
+            result = _run(cfg)
         if result.model is not None:  # the scratch files' paths mean nothing once they are gone
             training = result.model.config.get("training", {})
             for key in scratch_keys:
@@ -122,6 +123,22 @@ def train(config: str | None = None, *, X=None, y=None, sample_weight=None, verb
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _process_state():
+    """The run sets numpy's error mode and the BLAS threads as ddp-train does for its
+    process; the caller's process gets its own back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    errors = np.geterr()
+    blas = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
+    quiet_float_warnings()
+    try:
+        yield
+    finally:
+        threadpool_limits(limits=blas)
+        np.seterr(**errors)
 
 
 def _values(config: str | None, keys: dict, verbose: bool) -> dict:

@@ -181,3 +181,13 @@ def test_verbose_false_prints_nothing(arrays, capfd):
     train_in_process(X=X, y=y, verbose=False, layers=[64, 8, 10], steps=3)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_the_callers_numpy_error_mode_and_blas_threads_come_back(arrays):
+    from threadpoolctl import threadpool_info
+
+    X, y, _, _ = arrays
+    before = (np.geterr(), [p["num_threads"] for p in threadpool_info()])
+    with deadline():
+        ddp.train(X=X, y=y, verbose=False, layers=[64, 8, 10], steps=2, threads=1)
+    assert (np.geterr(), [p["num_threads"] for p in threadpool_info()]) == before
