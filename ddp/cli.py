@@ -16,7 +16,6 @@ import json
 import sys
 import time
 import traceback
-from typing import NamedTuple
 
 from .command import INTERNAL_ERROR, console_script, print_error, write_result
 from .config import Config, build_parser, load_toml, resolve
@@ -25,10 +24,9 @@ from .errors import (EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, DDPError, PeerErr
 from .keygen import keygen_main, run_keygen
 from .log import Log, stamped
 from .model import quiet_float_warnings
-from .monitor import open_monitor
 from .predict import predict_main, run_predict
 from .signals import StopRequest
-from .threads import choose_threads, host_cores, limit_threads
+from .session import Training, check_zmq_run
 from .worker_cli import run_worker, worker_main
 
 __all__ = ["run_train", "train_main", "coordinator_main", "run_predict", "predict_main",
@@ -120,7 +118,7 @@ def _parse(argv, prog: str, speaks: bool) -> tuple[Config | None, UsageError | N
         if cfg.state_dir:
             _check_service_flags(args)
         if cfg.backend == "zmq":
-            _check_zmq_run(cfg, prog, launched_size())
+            check_zmq_run(cfg, prog, launched_size())
     except UsageError as e:
         return cfg, e
     return cfg, None
@@ -139,45 +137,6 @@ def _check_service_flags(args) -> None:
                          f"training flags) to ddp-job submit, or drop --state-dir to run one job")
 
 
-def _check_zmq_run(cfg: Config, prog: str, launched: int) -> None:
-    if launched > 1:
-        raise UsageError("--backend zmq starts its own worker processes; run it without mpirun or srun")
-    if prog == "ddp-coordinator" and not cfg.bind:
-        raise UsageError("--bind is required: where workers connect, e.g. --bind tcp://127.0.0.1:5555")
-    if cfg.workers == 0 and not cfg.bind:
-        raise UsageError("--workers 0 starts no workers: give --bind so that workers can join")
-
-
-class Threads(NamedTuple):
-    """BLAS threads of this process and, with --backend zmq, of the workers it starts."""
-    per_rank: int
-    source: str          # why that many: said in the start-up line
-    workers: int = 0     # zmq: worker processes to start here
-    per_worker: int = 0
-
-
-def _choose_threads(cfg: Config, comm, log: Log, serving: bool) -> Threads:
-    if cfg.backend != "zmq":
-        threads, source = limit_threads(cfg.threads, comm.local_size, log.warn)
-        return Threads(threads, source)
-    workers = cfg.workers if cfg.workers is not None else (0 if serving else host_cores())
-    threads, _ = limit_threads(cfg.threads, 1, log.warn, noun="coordinator")
-    per_worker, source, _ = choose_threads(cfg.threads, workers, noun="worker")
-    return Threads(threads, source, workers, per_worker)
-
-
-def _who(cfg: Config, comm, threads: Threads) -> str:
-    """Who computes, for the start-up line."""
-    if cfg.backend == "zmq":
-        n = threads.workers
-        if not n:
-            return f"coordinator, workers join on {cfg.bind}"
-        return (f"coordinator with {n} local worker{'s' * (n != 1)} ({threads.per_worker} BLAS "
-                f"thread{'s' * (threads.per_worker > 1)} each: {threads.source})")
-    return (f"{comm.world_size} rank{'s' * (comm.world_size > 1)}, {threads.per_rank} BLAS "
-            f"thread{'s' * (threads.per_rank > 1)} each ({threads.source})")
-
-
 class _TrainRun:
     """One ddp-train or ddp-coordinator run after parsing: prepare, train, summarise.
 
@@ -191,7 +150,7 @@ class _TrainRun:
         self.serving = prog == "ddp-coordinator"
         self.log = Log(comm.rank, prog, level="error" if cfg is not None and cfg.quiet else "info")
         self.stop = StopRequest()
-        self.monitor = self.summary = None
+        self.training = Training(prog, cfg, comm, self.log, self.stop, wall_start, self.serving)
 
     def run(self, error: UsageError | None) -> int:
         code = EXIT_INTERNAL
@@ -211,79 +170,22 @@ class _TrainRun:
             code = self._crashed(e)
         finally:
             self.stop.restore()
-            if self.monitor is not None:
-                self.monitor.close(code, self.summary)
+            monitor = self.training.monitor
+            if monitor is not None:
+                monitor.close(code, self.training.summary)
         return code
 
     def _train(self) -> int:
         from ddp.coordinator.run import summary_text
 
-        threads = _choose_threads(self.cfg, self.comm, self.log, self.serving)
-        setup, keys = self._prepare()
-        self._say_start(setup, threads)
-        summary = self._execute(setup, keys, threads)
+        summary = self.training.run()
         code = EXIT_SIGNAL_BASE + summary["signal"] if summary["interrupted"] else EXIT_OK
         if self.comm.rank == 0:
-            if setup.cfg.summary_json:
-                write_result(setup.cfg.summary_json, "--summary-json", lambda fh: _dump(fh, summary),
+            if self.cfg.summary_json:
+                write_result(self.cfg.summary_json, "--summary-json", lambda fh: _dump(fh, summary),
                              binary=False)
             print(summary_text(summary), flush=True)
         return code
-
-    def _prepare(self):
-        """(setup, CURVE keys or None), once every rank has them (or has said why not)."""
-        from .setup import prepare
-
-        cfg, error, setup, keys = self.cfg, None, None, None
-        try:
-            if cfg.backend == "zmq":
-                from ddp.coordinator.access import preflight
-
-                keys = preflight(cfg, self.log)
-            setup = prepare(cfg)
-            if self.comm.rank == 0:
-                self.monitor = open_monitor(cfg, setup, cfg.backend, self.log, self.serving)
-        except DDPError as e:
-            error = e
-        except ModuleNotFoundError as e:
-            error = missing_package(e)
-            if error is None:
-                raise
-        self.comm.agree(error)
-        return setup, keys
-
-    def _say_start(self, setup, threads: Threads) -> None:
-        """The start-up line, the resolved config and the warnings about it."""
-        cfg, comm, log = self.cfg, self.comm, self.log
-        log.info(f"{self.prog}: {_who(cfg, comm, threads)}, {len(setup.train)} training "
-                 f"samples{'' if setup.val is None else f', {len(setup.val)} validation'}, "
-                 f"{setup.layout.size:,} parameters; resolved config:")
-        log.info("\n".join("  " + line for line in setup.cfg.to_toml().splitlines()))
-        if comm.oversubscribed:
-            cores = host_cores()
-            log.warn(f"{comm.local_size} ranks share {cores} core{'s' * (cores != 1)} on this host: "
-                     f"a rank that waits yields its core, but every step waits for the slowest "
-                     f"rank; one rank per core (mpirun -n {cores}) is faster")
-        if cfg.eval_every and setup.val is None:
-            log.warn("--eval-every has no effect without --val-data or --val-fraction")
-        if cfg.samples is not None and cfg.data != "spiral":
-            log.warn("--samples only applies to --data spiral")
-
-    def _execute(self, setup, keys, threads: Threads) -> dict:
-        """Train under MPI or serve ZeroMQ workers; the run's summary."""
-        if self.cfg.backend == "zmq":
-            from ddp.coordinator.serve import serve
-
-            summary = serve(setup, self.log, self.stop, keys, spawn=threads.workers,
-                            worker_threads=threads.per_worker, monitor=self.monitor)
-            summary["wall_seconds"] = time.perf_counter() - self.wall_start
-        else:
-            from ddp.coordinator.trainer import train
-
-            summary = train(setup, self.comm, self.log, self.stop, self.wall_start, self.monitor)
-        summary["threads_per_rank"] = threads.per_rank
-        self.summary = summary
-        return summary
 
     def _interrupted(self, e: KeyboardInterrupt) -> int:
         code = EXIT_SIGNAL_BASE + getattr(e, "signum", 2)
@@ -321,8 +223,8 @@ class _TrainRun:
 
     def _abort(self, code: int) -> None:
         """End every rank: this one failed alone and the others may wait for it."""
-        if self.monitor is not None:
-            self.monitor.close(code, None)
+        if self.training.monitor is not None:
+            self.training.monitor.close(code, None)
         self.comm.abort(code)
 
 

@@ -63,7 +63,7 @@ class Log:
         if self.quiet:
             return
         if mode == "always" or (mode == "auto" and on_terminal):
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a notebook's widget where tqdm supports it
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=self.stream,
                             dynamic_ncols=True, leave=True)

@@ -9,13 +9,13 @@ import os
 
 import numpy as np
 
-from . import checkpoint as ckpt
 from . import data as ddata
 from .command import console_script, exit_code, write_result
 from .config import Config, command_parser
 from .errors import EXIT_OK, UsageError
 from .files import check_output_target
-from .model import forward, loss_sum, quiet_float_warnings
+from .api_model import Model
+from .model import loss_sum, quiet_float_warnings
 from .validation import MAX_COUNT
 
 PROG = "ddp-predict"
@@ -47,7 +47,7 @@ def run_predict(argv: list[str] | None = None) -> int:
     quiet_float_warnings()
     try:
         args = _parse(parser, argv)
-        model = ckpt.load_model(args.model)
+        model = Model.load(args.model)
         X, y = _inputs(args.data, model)
         preds, line = _predict(model, X, y, args.batch_size)
         if line is not None:
@@ -81,7 +81,7 @@ def _predictions_path(path: str) -> str:
     return path
 
 
-def _inputs(spec: str, model: ckpt.ModelFile):
+def _inputs(spec: str, model: Model):
     """(X, y or None) of --data, checked against the model's input and output sizes."""
     cfg = model.config
     n_in, n_out = model.layout.layers[0], model.layout.layers[-1]
@@ -91,7 +91,7 @@ def _inputs(spec: str, model: ckpt.ModelFile):
     if X.shape[1] != n_in:
         raise UsageError(f"{what}: samples have {X.shape[1]} features, the model expects {n_in}")
     if y is not None:
-        y = ddata.check_targets(np.asarray(y), len(X), cfg["loss"], n_out, what, model.params.dtype)
+        y = ddata.check_targets(np.asarray(y), len(X), cfg["loss"], n_out, what, model.flat.dtype)
     return X, y
 
 
@@ -102,28 +102,12 @@ def _data_config(model_cfg: dict) -> Config:
                   layers=tuple(model_cfg["layers"]), loss=model_cfg["loss"])
 
 
-def _outputs(model: ckpt.ModelFile, X, batch_size: int):
-    """(rows, z): the model's outputs for consecutive batches of X, standardized as in training."""
-    cfg, dtype = model.config, model.params.dtype
-    views = model.layout.views(model.params)
-    std = cfg.get("standardize")
-    mean = inv_std = None
-    if std:
-        mean = np.asarray(std["mean"], dtype=dtype)
-        inv_std = 1.0 / np.asarray(std["std"], dtype=dtype)
-    for start in range(0, len(X), batch_size):
-        x = np.asarray(X[start:start + batch_size], dtype=dtype)
-        if mean is not None:
-            x = (x - mean) * inv_std
-        yield slice(start, start + batch_size), forward(views, cfg["activation"], x)
-
-
-def _predict(model: ckpt.ModelFile, X, y, batch_size: int):
+def _predict(model: Model, X, y, batch_size: int):
     """(predictions, the loss/accuracy line or None without targets)."""
     loss = model.config["loss"]
     classes = loss == "cross-entropy"
     outputs, total_loss, correct = [], 0.0, 0
-    for rows, z in _outputs(model, X, batch_size):
+    for rows, z in model.outputs(X, batch_size):
         pred = z.argmax(axis=1) if classes else z
         outputs.append(pred)
         if y is not None:

@@ -15,9 +15,10 @@ PACKAGES = ("ddp", "worker", "coordinator")
 MAX_FILE_LINES = 400
 MAX_CLASS_LINES = 200
 # the entry points wire a config to a role, so they may import the roles (and ddp-keygen
-# zmq's key generator); benchloops is a stand-alone benchmark program (mpi4py, torch)
-ENTRY_POINTS = {"ddp/cli.py", "ddp/__main__.py", "ddp/worker_cli.py", "ddp/job_cli.py", "ddp/keygen.py",
-                "ddp/benchloops.py"}
+# zmq's key generator; ddp.session runs a config for both ddp-train and ddp.train);
+# benchloops is a stand-alone benchmark program (mpi4py, torch)
+ENTRY_POINTS = {"ddp/cli.py", "ddp/session.py", "ddp/api.py", "ddp/__main__.py", "ddp/worker_cli.py",
+                "ddp/job_cli.py", "ddp/keygen.py", "ddp/benchloops.py"}
 
 
 def sources() -> list[Path]:
