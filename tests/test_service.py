@@ -358,3 +358,21 @@ def test_a_job_whose_data_differs_on_the_workers_fails_with_their_reason(tmp_pat
     job_id = service.submit(*flags)
     assert service.wait(job_id) == 0
     assert_exact(service, tmp_path, job_id, flags)
+
+
+def test_a_job_with_every_training_feature_ends_as_one_process(tmp_path, procs):  # noqa: F811
+    """Adam + cosine with warmup + clipping + dropout + sample weights, submitted to the
+    service and trained by its pool, ends with the parameters of one process."""
+    service = Service(procs, tmp_path)
+    service.start()
+    service.worker(), service.worker()
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(150, 5))
+    np.savez(tmp_path / "w.npz", X=X, y=(X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5),
+             w=rng.integers(0, 3, 150).astype(float))
+    flags = ["--data", str(tmp_path / "w.npz"), "--layers", "5,12,3", "--batch-size", "11", "--steps", "40",
+             "--optimizer", "adam", "--lr-schedule", "cosine", "--warmup-steps", "4", "--clip-norm", "0.5",
+             "--dropout", "0.2", *F64]
+    job_id = service.submit(*flags)
+    assert service.wait(job_id) == 0, service.proc.stderr
+    assert_exact(service, tmp_path, job_id, flags)
