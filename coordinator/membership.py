@@ -107,6 +107,19 @@ class Membership:
         member = self.members.get(peer)
         return None if member is None else (member, f"sent {n} invalid messages; ignoring it from now on")
 
+    def heard_from(self, peer: bytes, kind: str) -> Member | None:
+        """The member that sent a message of `kind`, now heard; None for a peer that is not
+        one, which is counted and (unless it said bye) told to say hello again, as a worker
+        of a coordinator that restarted must."""
+        member = self.members.get(peer)
+        if member is None:
+            self.drop("unknown worker")
+            if kind != "bye":
+                self.reply(peer, "rejoin")
+            return None
+        member.last_heard = time.monotonic()
+        return member
+
     def hello(self, peer: bytes, host: str = "", cores: int = 1) -> str:
         """A new peer in the handshake (not a member: the caller drops one first); its name."""
         name = f"worker {next(self.names)}"

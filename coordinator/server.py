@@ -116,13 +116,9 @@ class Coordinator:
         if kind == "unable":  # a worker of a service's pool: here it has no other job to do
             self.members.pending.pop(peer, None)
             return self.members.reply(peer, "refuse", reason=msg["reason"])
-        member = self.members.get(peer)
+        member = self.members.heard_from(peer, kind)  # e.g. this coordinator restarted
         if member is None:
-            self.members.drop("unknown worker")
-            if kind != "bye":
-                self.members.reply(peer, "rejoin")  # e.g. this coordinator restarted: hello again
             return
-        member.last_heard = time.monotonic()
         if kind == "bye":
             self.shards.drop_member(member, "left")
         elif kind in ("grads", "diverged"):

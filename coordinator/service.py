@@ -130,13 +130,9 @@ class Service:
                 self.gone(member, "rejoined")
             enter(self.pool, peer, msg["host"], msg["cores"])
             return
-        member = self.pool.get(peer)
+        member = self.pool.heard_from(peer, kind)  # e.g. this service restarted: hello again
         if member is None:
-            self.pool.drop("unknown worker")
-            if kind != "bye":
-                self.pool.reply(peer, "rejoin")  # e.g. this service restarted: hello again
             return
-        member.last_heard = time.monotonic()
         if kind == "heartbeat":
             return
         if kind == "bye":
