@@ -360,6 +360,7 @@ def test_workers_on_one_host_are_told_their_share_of_its_cores(served):
                  "the shares were sent")
     assert [m["threads"] for m in a.got("threads")] == [2, 1]
     assert [m["threads"] for m in other.got("threads")] == [4]
+    a.beating = a.rejoining = False  # gone for good: a heartbeat after bye would join it again
     a.say("bye", job=a.job)
     s.poll_until(lambda: [m["threads"] for m in b.got("threads")][-1:] == [2], "b's share after a left")
     assert [m["threads"] for m in b.got("threads")] == [1, 2]
