@@ -16,6 +16,8 @@ that its norm over every part is at most C). The optimizer is handed a gradient 
     SharedExchange     MPI ranks on one host: one shared window of gradient slots, one
                        copy of parameters and optimizer state; rank r sums part r of the
                        slots and updates part r of the parameters
+    HierarchicalExchange  (coordinator.hierarchy) MPI across hosts: a shared window on
+                       each host, one Allreduce per part between the hosts
 
 Every exchange also sums any other buffer (`sum_`, for evaluation) and shares the
 root's starting parameters and optimizer state with every process (`share_start`).

@@ -11,6 +11,7 @@ exchange strategies (`coordinator.exchange`) build the step's sums on it:
     agree(error) -> None           collective: raise everywhere if any rank failed
     rank_reports(on_report, step)  each rank's progress at rank 0, off the step's path
     barrier()                      every rank has arrived
+    host_split() -> (host, peers)  this host's ranks; this local rank's on every host (MPI only)
     abort(code)                    end every rank now
 """
 from __future__ import annotations
