@@ -16,6 +16,8 @@ that its norm over every part is at most C). The optimizer is handed a gradient 
     SharedExchange     MPI ranks on one host: one shared window of gradient slots, one
                        copy of parameters and optimizer state; rank r sums part r of the
                        slots and updates part r of the parameters
+    HierarchicalExchange  (coordinator.hierarchy) MPI across hosts: a shared window on
+                       each host, one Allreduce per part between the hosts
 
 Every exchange also sums any other buffer (`sum_`, for evaluation) and shares the
 root's starting parameters and optimizer state with every process (`share_start`).
@@ -185,36 +187,41 @@ class SharedExchange:
     rank r sums part r of every slot and applies the optimizer to part r of the
     parameters; a second barrier and every rank reads the new parameters. Each
     rank touches 1/N of the update: no buffer is copied and nothing is sent.
+
+    `host` (default `comm`) is the ranks that share the windows; the hierarchical
+    exchange (`coordinator.hierarchy`) gives each host's own, with `comm` the world.
     """
 
     name = "shared"
 
-    def __init__(self, comm, size: int, head: int, dtype, state_slots: int, metrics: bool):
+    def __init__(self, comm, size: int, head: int, dtype, state_slots: int, metrics: bool,
+                 host=None):
+        host = comm if host is None else host
         MPI = comm.MPI
-        self.comm, self.rank, self.world_size = comm, comm.rank, comm.world_size
+        self.comm, self.host, self.rank, self.world_size = comm, host, comm.rank, comm.world_size
         self.head, self.metrics, self.steps = head, metrics, 0
-        dtype = np.dtype(dtype)
+        dtype, n_local = np.dtype(dtype), host.world_size
         info = MPI.Info.Create()
         info.Set("alloc_shared_noncontig", "true")  # each rank's slot on pages of its own
         self.win_slots = MPI.Win.Allocate_shared((head + size) * dtype.itemsize, dtype.itemsize,
-                                                 info, comm.comm)
+                                                 info, host.comm)
         # parameters, optimizer state, each part's ‖Σg‖² (metrics) and ‖g‖² (--clip-norm):
-        # one copy, in rank 0's segment
-        n_model = (1 + state_slots) * size + 2 * self.world_size
-        self.win_model = MPI.Win.Allocate_shared(n_model * dtype.itemsize if self.rank == 0 else 0,
-                                                 dtype.itemsize, info, comm.comm)
+        # one copy, in the segment of the host's rank 0
+        n_model = (1 + state_slots) * size + 2 * n_local
+        self.win_model = MPI.Win.Allocate_shared(n_model * dtype.itemsize if host.rank == 0 else 0,
+                                                 dtype.itemsize, info, host.comm)
         info.Free()
         self.slots = [np.frombuffer(self.win_slots.Shared_query(q)[0], dtype, count=head + size)
-                      for q in range(self.world_size)]
+                      for q in range(n_local)]
         model = np.frombuffer(self.win_model.Shared_query(0)[0], dtype, count=n_model)
         self.params = model[:size]
         self.state = model[size:(1 + state_slots) * size].reshape(state_slots, size)
-        self.norms = model[(1 + state_slots) * size:][:self.world_size]
-        self.clip_sq = model[(1 + state_slots) * size + self.world_size:]
-        self.buf = self.slots[self.rank]
+        self.norms = model[(1 + state_slots) * size:][:n_local]
+        self.clip_sq = model[(1 + state_slots) * size + n_local:]
+        self.buf = self.slots[host.rank]
         self.buf[:] = 0
         self.grad = self.buf[head:]
-        self.lo, self.hi = shard_bounds(size, self.world_size, self.rank)  # this rank's part
+        self.lo, self.hi = shard_bounds(size, n_local, host.rank)  # this rank's part
         self.totals = np.zeros(head, dtype=np.float64)
 
     def optimizer_state(self, slots: int) -> np.ndarray:
@@ -225,34 +232,47 @@ class SharedExchange:
 
     def finish(self) -> np.ndarray:
         """Every rank's gradients are in its slot; the stats are summed into `totals`."""
-        self.comm.barrier()
+        self.host.barrier()
+        self.sum_stats_()
+        return self.totals
+
+    def sum_stats_(self) -> None:
+        """`totals`: the stats of every slot, added in the same order on every rank."""
         self.totals[:] = 0
         for slot in self.slots:
             self.totals += slot[:self.head]
-        return self.totals
+
+    def sum_slots_(self, lo: int, hi: int) -> np.ndarray:
+        """Elements [lo, hi) of the step's buffer summed over every slot, into this rank's
+        own (no other rank reads that range of it); returned as a view."""
+        acc = self.buf[lo:hi]
+        for q, slot in enumerate(self.slots):
+            if q != self.host.rank:
+                acc += slot[lo:hi]
+        return acc
 
     def apply_(self, opt, n_samples: int, norm_due=None) -> float | None:
         """Sum part `rank` of the slots and apply `opt` to that part of the parameters;
-        when this returns, every rank's part is updated. The norm is measured every
+        when this returns, every rank's part is updated."""
+        return self.update_part_(opt, n_samples, self.sum_slots_(self.head + self.lo, self.head + self.hi))
+
+    def update_part_(self, opt, n_samples: int, acc: np.ndarray) -> float | None:
+        """Apply `opt` to this rank's part of the parameters from `acc`, the part's summed
+        gradient; a barrier, and every part is updated. The norm is measured every
         SHARED_NORM_EVERY steps alike on every rank, when metrics are on."""
-        part = slice(self.head + self.lo, self.head + self.hi)
-        acc = self.buf[part]
-        for q, slot in enumerate(self.slots):
-            if q != self.rank:
-                acc += slot[part]
         want_norm = self.metrics and self.steps % SHARED_NORM_EVERY == 0
         self.steps += 1
         if want_norm:
-            self.norms[self.rank] = np.dot(acc, acc)
+            self.norms[self.host.rank] = np.dot(acc, acc)
         optimizer_step_(opt, self.params, acc, n_samples, self.lo, self._total_sq)
-        self.comm.barrier()
+        self.host.barrier()
         return float(np.sqrt(self.norms.sum())) if want_norm else None
 
     def _total_sq(self, part_sq: float) -> float:
         """‖g‖² of the whole averaged gradient from every rank's part: one barrier, then
         every rank adds the same numbers in the same order, so all clip alike."""
-        self.clip_sq[self.rank] = part_sq
-        self.comm.barrier()
+        self.clip_sq[self.host.rank] = part_sq
+        self.host.barrier()
         return float(self.clip_sq.sum())
 
     def sum_(self, buf: np.ndarray) -> None:
@@ -263,7 +283,7 @@ class SharedExchange:
         and the optimizer's step count."""
         box = np.array([step, opt.t], dtype=np.int64)
         self.comm.bcast_(box)
-        self.comm.barrier()
+        self.host.barrier()
         self.steps, opt.t = int(box[0]), int(box[1])
         return int(box[0])
 
@@ -274,7 +294,8 @@ class SharedExchange:
 
 def make_exchange(comm, layout, cfg, head: int, state_slots: int):
     """The exchange for this world: one process, the shared window (every rank on one
-    host, unless --exchange allreduce), or bucketed Allreduces (--bucket-mb)."""
+    host, unless --exchange allreduce or hierarchical), the hierarchical exchange
+    (--exchange hierarchical), or bucketed Allreduces (--bucket-mb)."""
     dtype = np.dtype(cfg.dtype)
     world = comm.world_size
     one_host = world > 1 and comm.local_size == world
@@ -282,8 +303,12 @@ def make_exchange(comm, layout, cfg, head: int, state_slots: int):
                if cfg.exchange == "shared" and world > 1 and not one_host else None)
     if world == 1:
         return LocalExchange(layout.size, head, dtype)
-    if one_host and cfg.exchange != "allreduce":
-        return SharedExchange(comm, layout.size, head, dtype, state_slots, bool(cfg.metrics_port))
+    metrics = bool(cfg.metrics_port)
+    if one_host and cfg.exchange in ("auto", "shared"):
+        return SharedExchange(comm, layout.size, head, dtype, state_slots, metrics)
     buckets = plan_buckets([(head + lo, head + hi) for lo, hi in layout.layer_spans()],
                            head + layout.size, int(cfg.bucket_mb * 1e6) // dtype.itemsize)
+    if cfg.exchange == "hierarchical":
+        from .hierarchy import make_hierarchical  # it builds on this module's classes
+        return make_hierarchical(comm, layout.size, head, dtype, state_slots, metrics, buckets)
     return AllreduceExchange(comm, layout.size, head, dtype, buckets)

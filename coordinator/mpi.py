@@ -11,6 +11,7 @@ exchange strategies (`coordinator.exchange`) build the step's sums on it:
     agree(error) -> None           collective: raise everywhere if any rank failed
     rank_reports(on_report, step)  each rank's progress at rank 0, off the step's path
     barrier()                      every rank has arrived
+    host_split() -> (host, peers)  this host's ranks; this local rank's on every host (MPI only)
     abort(code)                    end every rank now
 """
 from __future__ import annotations
@@ -91,18 +92,36 @@ class LocalComm:
 
 
 class MPIComm:
-    def __init__(self):
+    """MPI's world (or, from `host_split`, some of its ranks) behind the interface above."""
+
+    def __init__(self, comm=None, oversubscribed: bool | None = None):
         from mpi4py import MPI  # only the roles import mpi4py
 
         self.MPI = MPI
-        self.comm = MPI.COMM_WORLD
+        self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
         # more ranks than cores on this host: a rank that waits must give its core to
         # one that computes, instead of spinning in MPICH's progress loop
-        self.oversubscribed = self.local_size > host_cores()
+        self.oversubscribed = self.local_size > host_cores() if oversubscribed is None \
+            else oversubscribed
+
+    def host_split(self) -> tuple["MPIComm", "MPIComm"]:
+        """(host, peers): the ranks on this host, and the ranks that hold this one's
+        local rank on every host, ordered by host (the host of rank 0 first, so that
+        it is rank 0 of every `peers`). Collective; `free()` both when done."""
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        leader = np.array([self.rank], dtype=np.int64)  # the host's lowest rank names it
+        node.Bcast(leader, root=0)
+        peers = self.comm.Split(color=node.Get_rank(), key=int(leader[0]))
+        # waits on either yield the core when this host is oversubscribed, as here
+        return MPIComm(node, self.oversubscribed), MPIComm(peers, self.oversubscribed)
+
+    def free(self) -> None:
+        """Release a communicator from `host_split` (collective over its ranks)."""
+        self.comm.Free()
 
     def wait_(self, requests: list) -> None:
         """Complete `requests`. A rank that has a core of its own spins (the lowest

@@ -39,7 +39,8 @@ Train a multilayer perceptron (SGD, Adam or AdamW), data-parallel over the ranks
 of `mpirun -n N ddp-train ...` (plain `ddp-train` is one process). Each rank
 computes the gradient sums of its shard of every global batch; the sums meet in
 Allreduces of --bucket-mb buckets started during backward or, for ranks on one
-host, in a shared-memory window (--exchange); every rank applies the same update.
+host, in a shared-memory window (across hosts, a window on each and an Allreduce
+per part between them: --exchange hierarchical); every rank applies the same update.
 
 Exit codes: 0 done; 1 internal error; 2 bad input; 3 loss became NaN/Inf
 or exceeded --max-loss; 4 cannot write a checkpoint, model or summary; 128+N

@@ -132,8 +132,11 @@ class Config:
                                default=None)
     exchange: str = _opt("mpi: how gradients meet: shared (ranks on one host sum them in a shared "
                          "memory window, each updating 1/N of the parameters), allreduce (MPI "
-                         "Allreduce in --bucket-mb buckets); auto: shared when every rank is on "
-                         "one host", metavar="{auto,shared,allreduce}", default="auto")
+                         "Allreduce in --bucket-mb buckets), hierarchical (a shared window on "
+                         "each host, local rank r Allreducing part r with local rank r of every "
+                         "other host; the same number of ranks on every host); auto: shared when "
+                         "every rank is on one host", metavar="{auto,shared,allreduce,hierarchical}",
+                         default="auto")
     bucket_mb: float = _opt("mpi: sum gradients in buckets of about this many MB, each started "
                             "(non-blocking) as soon as backward has produced it, last layers first; "
                             "0: one Allreduce after backward", metavar="MB", default=BUCKET_MB)

@@ -17,6 +17,7 @@ from .optim import OPTIMIZERS, parse_betas, sgd_momentum
 from .schedule import SCHEDULES
 
 DTYPES = ("float32", "float64")
+EXCHANGES = ("auto", "shared", "allreduce", "hierarchical")  # --exchange under MPI
 
 # Upper bounds of numeric flags: far above any real use, low enough that nothing
 # downstream overflows (int64 step counters, milliseconds for a poll, bytes of a bucket).
@@ -110,8 +111,8 @@ def _check_run(cfg) -> None:
     _need(cfg.checkpoint_every > 0,
           f"--checkpoint-every must be a positive integer, got {cfg.checkpoint_every}")
     _need(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
-    _need(cfg.exchange in ("auto", "shared", "allreduce"),
-          f"--exchange {cfg.exchange!r} is not one of: auto, shared, allreduce")
+    _need(cfg.exchange in EXCHANGES,
+          f"--exchange {cfg.exchange!r} is not one of: {', '.join(EXCHANGES)}")
     _need(cfg.bucket_mb >= 0 and _finite(cfg.bucket_mb),
           f"--bucket-mb must be a number >= 0, got {cfg.bucket_mb}")
     _need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
