@@ -8,8 +8,9 @@ local rank r of every other host (a communicator per local rank), so it holds pa
 r of the sum over every rank; it applies the optimizer to part r of its host's
 parameters, and after a barrier the host's ranks read the new ones. Every host sums
 the same parts and applies the same update, so every host ends the step with the
-same parameters. A host's link carries its parts' Allreduces: the whole gradient
-once per host, not once per rank.
+same parameters. A host's link carries the whole gradient once each way, as
+MPICH's node-aware Allreduce also does; what the hierarchy saves is inside the host:
+its ranks copy nothing to each other and each updates 1/H of the parameters.
 
 The sums start during backward, bucket by bucket (`--bucket-mb`): when backward has
 written a bucket, each rank enters a non-blocking barrier of its host; once every

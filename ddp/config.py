@@ -135,7 +135,8 @@ class Config:
                          "Allreduce in --bucket-mb buckets), hierarchical (a shared window on "
                          "each host, local rank r Allreducing part r with local rank r of every "
                          "other host; the same number of ranks on every host); auto: shared when "
-                         "every rank is on one host", metavar="{auto,shared,allreduce,hierarchical}",
+                         "every rank is on one host, hierarchical on hosts with the same number "
+                         "(>= 2) of ranks each, else allreduce", metavar="{auto,shared,allreduce,hierarchical}",
                          default="auto")
     bucket_mb: float = _opt("mpi: sum gradients in buckets of about this many MB, each started "
                             "(non-blocking) as soon as backward has produced it, last layers first; "

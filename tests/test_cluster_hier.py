@@ -109,3 +109,13 @@ def test_hierarchical_on_one_host_is_the_shared_window(reference, tmp_path):
 def test_an_unknown_exchange_names_the_choices(tmp_path):
     expect_error(train_here(_args(tmp_path, "x", ["--exchange", "ring"])), "ddp-train",
                  "--exchange 'ring'", "hierarchical")
+
+
+@pytest.mark.parametrize("layout, chosen", [([2, 2], "hierarchical"), ([1, 1], "allreduce"),
+                                            ([1, 2], "allreduce")], ids=["2x2", "2x1", "1+2"])
+def test_auto_takes_the_hierarchy_when_every_host_has_the_same_several_ranks(net, reference, tmp_path,
+                                                                              layout, chosen):
+    res, _ = train_across(net, layout, _args(tmp_path, "got", ["--exchange", "auto", *CLIP]),
+                          hosts=list(range(len(layout))))
+    assert res.returncode == 0, res.stderr
+    assert _assert_as_one_process(tmp_path, "got", reference)["exchange"] == chosen
