@@ -112,15 +112,14 @@ def _notes(doc: dict, shown: list[str]) -> list[str]:
         what = "" if name == "ddp" else f" ({name})"
         out.append(_per_combination(combos, f"ddp-train gradient exchange{what}, share of step time: ",
                                     lambda c: _num(c["programs"][name]["allreduce_fraction"], ".1%")))
-    if "zmq" in shown:
+    if "zmq" in shown and "zmq" not in doc["skipped"]:
         out.append(_per_combination(combos, "zmq bytes per step (sent + received by the coordinator): ",
                                     lambda c: human_bytes(c["programs"]["zmq"]["bytes_per_step"], "-")))
     if doc.get("hosts"):
-        ran = [p for p in shown if p not in doc["skipped"]]
         out += [_per_combination(combos, f"bytes each host sent over its link, median per run ({p}): ",
                                  lambda c: "[" + ", ".join(human_bytes(b, "-") for b in
                                                            c["programs"][p]["host_bytes_sent"]) + "]")
-                for p in ran]
+                for p in shown]
     out += [f"note: {note}" for note in doc["skipped"].values()]
     out += [f"failed: {r['program']} {layers_text(r['layers'])} ×{r['ranks']} "
             f"(repeat {r['repeat'] + 1}): {r['error']}" for r in doc["runs"] if not r["ok"]]
@@ -132,6 +131,8 @@ def format_table(doc: dict) -> str:
     opts, combos = doc["options"], doc["combinations"]
     variants = [v[0] for v in opts.get("variants", ())]
     shown = program_names([p for p in PROGRAMS if p in opts["programs"] and p != "sgemm"], variants)
+    if doc.get("hosts"):   # only what ran across the hosts: the notes say why the rest did not
+        shown = [p for p in shown if p not in doc["skipped"]]
     ratios = [name for name, _, _ in ratio_names(shown)]
     out = _headline(doc)
     if doc.get("hosts"):
