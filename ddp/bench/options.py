@@ -51,7 +51,7 @@ limit, lean and ddp run with their ranks spread evenly over K emulated hosts on
 this machine, each behind a link shaped as --link says (they still share this
 machine's cores); torch, zmq and sgemm are skipped, saying why. Before the runs it
 measures the link with a rank on each of 2 hosts: α, the time of an 8-byte
-Allreduce, and the bandwidth bytes ÷ time of an 8 MB and a gradient-sized one
+Allreduce, and the bandwidth bytes ÷ time of an 8 MiB and a gradient-sized one
 (a ring Allreduce of N ranks sends 2·(N−1)/N·bytes per rank each way, at N = 2
 the bytes themselves). The document records the bytes every host sent per run.
 
