@@ -3,6 +3,7 @@
     python -m ddp.benchloops lean  [--no-comm] ...   under mpirun -n R
     python -m ddp.benchloops torch ...               under torch.distributed.run
     python -m ddp.benchloops sgemm ...               one process
+    python -m ddp.benchloops link --sizes B,B,...    under mpiexec, a rank on each of 2 hosts
 
 `lean` is the leanest numpy + mpi4py data-parallel step there is: parameters and
 gradients in one flat buffer each (views per layer), a fixed random shard per
@@ -16,8 +17,11 @@ gradients can beat.
 `torch` is the same step in PyTorch DistributedDataParallel (gloo, CPU), the
 usual yardstick. `sgemm` times numpy's own matrix products at the exact shapes
 of one training step: the GEMM rate this BLAS can give the model at all.
+`link` times in-place Allreduces of the given byte sizes between the ranks: at 8
+bytes the latency α of the network between them, at megabytes its bandwidth.
 
-Each prints one JSON line on stdout (rank 0) with at least `samples_per_second`.
+Each prints one JSON line on stdout (rank 0): the training loops and sgemm with at
+least `samples_per_second`, link with the seconds of one Allreduce of each size.
 Their BLAS (torch: intra-op) threads follow ddp-train's rule (ddp.threads).
 These are measurements, not the trainer: nothing here is imported by ddp-train.
 """
@@ -272,6 +276,55 @@ def run_sgemm(args) -> int:
     return 0
 
 
+# --- link: the time of an Allreduce between the ranks, by size --------------------
+
+
+LINK_ROUND_SECONDS = 0.05      # a round of back-to-back Allreduces lasts about this long
+LINK_MAX_PER_ROUND = 1000
+
+
+def allreduce_rounds(comm, buf: np.ndarray, rounds: int) -> tuple[list[float], int]:
+    """Seconds of one in-place Allreduce of `buf`, per round, and the Allreduces a round.
+
+    Each round times k Allreduces back to back and divides by k: the ranks leave a
+    Barrier up to a message's time apart, and k of them spread that skew thin. k
+    comes from the second warm-up Allreduce (the first opens the connections) and
+    is rank 0's, so that every rank makes the same calls.
+    """
+    from mpi4py import MPI
+
+    for _ in range(2):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        first = time.perf_counter() - t0
+    k = comm.bcast(max(1, min(LINK_MAX_PER_ROUND, int(LINK_ROUND_SECONDS / max(first, 1e-7)))), root=0)
+    times = []
+    for _ in range(rounds):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        times.append((time.perf_counter() - t0) / k)
+    return times, k
+
+
+def run_link(args) -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    sizes = []
+    for nbytes in args.sizes:
+        buf = np.zeros(max(1, nbytes // 4), np.float32)   # zeros: the sums stay finite
+        times, k = allreduce_rounds(comm, buf, args.rounds)
+        sizes.append({"bytes": buf.nbytes, "seconds": float(np.median(times)), "rounds": args.rounds,
+                      "per_round": k, "round_seconds": times})
+    names = comm.allgather(MPI.Get_processor_name())   # the hosts the ranks ran on
+    if comm.rank == 0:
+        emit({"program": "link", "world_size": comm.size, "hosts": len(set(names)), "sizes": sizes})
+    return 0
+
+
 # --- command line -----------------------------------------------------------------
 
 
@@ -289,7 +342,17 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-MODES = {"lean": run_lean, "torch": run_torch, "sgemm": run_sgemm}
+def _int_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected byte counts like 8,8388608, got {text!r}")
+    if min(sizes) < 4:
+        raise argparse.ArgumentTypeError(f"every size must be ≥ 4 bytes (one float32), got {text!r}")
+    return sizes
+
+
+MODES = {"lean": run_lean, "torch": run_torch, "sgemm": run_sgemm, "link": run_link}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,13 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--threads", type=int, help="BLAS (torch: intra-op) threads per rank")
     p.add_argument("--no-comm", action="store_true", help="lean: leave out the Allreduce")
+    p.add_argument("--sizes", type=_int_sizes, default=[8, 8 * 2**20],
+                   help="link: bytes of each Allreduce timed (rounded down to float32s)")
+    p.add_argument("--rounds", type=int, default=15, help="link: timed rounds per size (the median is kept)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        print("benchloops: error: need --steps ≥ 1, --warmup ≥ 0, --batch ≥ 1", file=sys.stderr)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rounds < 1:
+        print("benchloops: error: need --steps ≥ 1, --warmup ≥ 0, --batch ≥ 1, --rounds ≥ 1",
+              file=sys.stderr)
         return 2
     return MODES[args.mode](args)
 

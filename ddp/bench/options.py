@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..benchloops import parse_layers
+from ..cluster import parse_link
 from ..config import _Parser
 from ..errors import UsageError
 from ..threads import choose_threads
@@ -18,6 +20,9 @@ from ..threads import choose_threads
 PROG = "ddp-bench"
 PY = sys.executable
 PROGRAMS = ("limit", "lean", "ddp", "torch", "zmq", "sgemm")
+ACROSS_HOSTS = ("limit", "lean", "ddp")   # the MPI programs, which --hosts spreads
+MAX_HOSTS = 250                            # the emulated cluster's subnet holds no more
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 DEFAULT_LAYERS = ((784, 256, 10), (784, 1024, 1024, 10))
 
 # --help: what the programs are and how to read the table
@@ -37,8 +42,22 @@ order rotated every repeat, and the table shows medians and, for the ratios, the
 median of per-repeat quotients (ddp_i / lean_i of the same repeat), which
 cancels most of the drift. The loops live in ddp.benchloops.
 
+With --variant NAME='FLAGS' (repeatable) ddp runs once per variant, as its own
+program ddp:NAME in the same rotated schedule, with FLAGS after --train-args; the
+ratios compare each variant with the other programs and with the first variant.
+
+With --hosts K (needs root: it makes K network namespaces, removed when it ends)
+limit, lean and ddp run with their ranks spread evenly over K emulated hosts on
+this machine, each behind a link shaped as --link says (they still share this
+machine's cores); torch, zmq and sgemm are skipped, saying why. Before the runs it
+measures the link with a rank on each of 2 hosts: α, the time of an 8-byte
+Allreduce, and the bandwidth bytes ÷ time of an 8 MiB and a gradient-sized one
+(a ring Allreduce of N ranks sends 2·(N−1)/N·bytes per rank each way, at N = 2
+the bytes themselves). The document records the bytes every host sent per run.
+
 Exit codes: 0 every run succeeded; 1 a run failed or timed out (the table says
-which, with its last line of stderr); 2 bad flags; 130 Ctrl-C; 143 SIGTERM.
+which, with its last line of stderr); 2 bad flags, or emulated hosts cannot be
+made here; 130 Ctrl-C; 143 SIGTERM.
 """
 
 
@@ -61,11 +80,37 @@ class Options:
     json: bool
     quiet: bool
     threads: int | None = None
+    hosts: int | None = None                  # emulated hosts the MPI programs spread over
+    link: str | None = None                   # their links, as parse_link reads them
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (name, ddp-train flags)
 
     def threads_per_rank(self, ranks: int) -> int:
         """BLAS threads each rank of every program runs: --threads, else this host's
-        cores ÷ ranks. The environment has no say: every program gets the same count."""
+        cores ÷ ranks (emulated hosts share them too). The environment has no say:
+        every program gets the same count."""
         return choose_threads(self.threads, ranks, env={})[0]
+
+    def names(self) -> list[str]:
+        """The programs as they run and are reported (ddp as ddp:NAME per variant)."""
+        return program_names(self.programs, [name for name, _ in self.variants])
+
+    def train_flags(self, name: str) -> tuple[str, ...]:
+        """The extra ddp-train flags of program `name`: --train-args, then its variant's."""
+        variant = name.partition(":")[2]
+        return self.train_args + dict(self.variants).get(variant, ())
+
+
+def program_names(programs, variants) -> list[str]:
+    """`programs` with ddp replaced by ddp:NAME for each variant name, if any."""
+    names = []
+    for p in programs:
+        names += [f"ddp:{v}" for v in variants] if p == "ddp" and variants else [p]
+    return names
+
+
+def base_program(name: str) -> str:
+    """The program a reported name runs: ddp for ddp:NAME."""
+    return name.partition(":")[0]
 
 
 def layers_text(layers) -> str:
@@ -101,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=DESCRIPTION, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--ranks", type=_int_list, default=[1, 2], metavar="R,R,...",
-                   help="rank (and zmq worker) counts to measure (default: 1,2)")
+    p.add_argument("--ranks", type=_int_list, metavar="R,R,...",
+                   help="rank (and zmq worker) counts to measure, in all (default: 1,2; "
+                        "with --hosts K: K)")
     p.add_argument("--layers", type=parse_layers, action="append", metavar="N,N,...",
                    help="layer sizes; repeat for several models "
                         "(default: 784,256,10 and 784,1024,1024,10)")
@@ -117,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which to run, from {','.join(PROGRAMS)} (default: all)")
     p.add_argument("--train-args", default="", metavar="'FLAGS'",
                    help="extra ddp-train flags for the ddp and zmq runs, e.g. '--bucket-mb 4'")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME='FLAGS'",
+                   help="run ddp once per variant, as program ddp:NAME with these extra flags "
+                        "(repeatable; e.g. --variant 'one=--bucket-mb 0' --variant default=)")
+    p.add_argument("--hosts", type=int, metavar="K",
+                   help="spread the ranks of limit, lean and ddp evenly over K emulated hosts "
+                        "(network namespaces: run as root); every --ranks a multiple of K")
+    p.add_argument("--link", metavar="SPEC",
+                   help="with --hosts: every host's link, e.g. 1gbit, 10gbit,0.5%% (loss), "
+                        "unshaped (default)")
     p.add_argument("--mpirun", metavar="CMD", help="MPI launcher, may include flags "
                    "(default: the mpirun beside this Python, else on PATH)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -140,7 +195,7 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def _options(args: argparse.Namespace) -> Options:
     _check_numbers(args)
-    ranks = tuple(dict.fromkeys(args.ranks))
+    ranks = tuple(dict.fromkeys(args.ranks or ([args.hosts] if args.hosts else [1, 2])))
     if args.batch < max(ranks):
         raise UsageError(f"--batch {args.batch} is smaller than {max(ranks)} ranks: every rank needs a sample")
     programs = tuple(p for p in PROGRAMS if p in args.programs)   # canonical order
@@ -149,11 +204,56 @@ def _options(args: argparse.Namespace) -> Options:
     train_args, mpirun = _split_commands(args)
     if {"limit", "lean", "ddp"} & set(programs):
         _check_mpirun(mpirun)
+    variants = _variants(args.variant, programs)
+    link = _hosts(args, ranks, programs, mpirun)
     layers = tuple(dict.fromkeys(tuple(l) for l in args.layers)) if args.layers else DEFAULT_LAYERS
     return Options(ranks=ranks, layers=layers, batch=args.batch, steps=args.steps,
                    warmup=args.warmup, repeats=args.repeats, samples=args.samples,
                    programs=programs, train_args=train_args, mpirun=mpirun,
-                   timeout=args.timeout, json=args.json, quiet=args.quiet, threads=args.threads)
+                   timeout=args.timeout, json=args.json, quiet=args.quiet, threads=args.threads,
+                   hosts=args.hosts, link=link, variants=variants)
+
+
+def _variants(texts: list[str], programs: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """--variant NAME='FLAGS' as (name, flags), names unique; only with the ddp program."""
+    if texts and "ddp" not in programs:
+        raise UsageError("--variant runs ddp-train variants: --programs must include ddp")
+    variants = {}
+    for text in texts:
+        name, eq, flags = text.partition("=")
+        if not eq or not _VARIANT_NAME.match(name):
+            raise UsageError(f"--variant must look like NAME='FLAGS' (NAME of letters, digits, "
+                             f"_ . -), got {text!r}")
+        if name in variants:
+            raise UsageError(f"--variant {name!r} is given twice")
+        try:
+            variants[name] = tuple(shlex.split(flags))
+        except ValueError as e:
+            raise UsageError(f"cannot split --variant {name}: {e}")
+    return tuple(variants.items())
+
+
+def _hosts(args: argparse.Namespace, ranks: tuple[int, ...], programs: tuple[str, ...],
+           mpirun: tuple[str, ...]) -> str | None:
+    """With --hosts: the link (its canonical text) after the checks of the placement."""
+    if args.hosts is None:
+        if args.link is not None:
+            raise UsageError("--link shapes the links of emulated hosts: give --hosts K too")
+        return None
+    if not 2 <= args.hosts <= MAX_HOSTS:
+        raise UsageError(f"--hosts must be in 2..{MAX_HOSTS} (a link joins two hosts), got {args.hosts}")
+    link = parse_link(args.link if args.link is not None else "unshaped")
+    uneven = [r for r in ranks if r % args.hosts]
+    if uneven:
+        raise UsageError(f"--ranks {uneven[0]} is not a multiple of --hosts {args.hosts}: "
+                         "the ranks are spread evenly over the hosts")
+    if not set(ACROSS_HOSTS) & set(programs):
+        raise UsageError(f"--hosts runs {', '.join(ACROSS_HOSTS)} across the hosts: "
+                         "--programs has none of them")
+    if len(mpirun) != 1:
+        raise UsageError("--hosts starts MPICH's mpiexec with the cluster's own flags: "
+                         "--mpirun must be the command alone")
+    return str(link)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..benchloops import LR, gemm_flops
 from ..proc import stop_tree
 from ..threads import thread_env
-from .options import PY, Options, layers_text
+from .options import PY, Options, base_program, layers_text
 
 SGEMM_MAX_SETS, SGEMM_MAX_WARMUP = 50, 5
 
@@ -79,15 +79,16 @@ def _loop_args(layers, ranks: int, opts: Options) -> list[str]:
             "--warmup", str(opts.warmup), "--threads", str(opts.threads_per_rank(ranks))]
 
 
-def _train_args(layers, ranks: int, opts: Options, summary: str) -> list[str]:
-    """ddp-train's flags for the same job as the loops'. Its steady rate starts after
-    min(20, total/5) steps: with the default --warmup 20 that is exactly the loops' warm-up."""
-    # the loops' plain SGD, unless --train-args picks another optimizer (--momentum is sgd's)
-    momentum = ["--momentum", "0"] if _optimizer(opts.train_args) == "sgd" else []
+def _train_args(layers, ranks: int, opts: Options, summary: str, extra: tuple[str, ...]) -> list[str]:
+    """ddp-train's flags for the same job as the loops', then `extra`. Its steady rate
+    starts after min(20, total/5) steps: with the default --warmup 20 that is exactly
+    the loops' warm-up."""
+    # the loops' plain SGD, unless the extra flags pick another optimizer (--momentum is sgd's)
+    momentum = ["--momentum", "0"] if _optimizer(extra) == "sgd" else []
     return ["--data", f"random:{opts.samples}", "--layers", layers_text(layers),
             "--batch-size", str(opts.batch), "--steps", str(opts.warmup + opts.steps), *momentum,
             "--lr", str(LR), "--dtype", "float32", "--progress", "never", "--summary-json", summary,
-            "--threads", str(opts.threads_per_rank(ranks)), *opts.train_args]
+            "--threads", str(opts.threads_per_rank(ranks)), *extra]
 
 
 def _optimizer(train_args: list[str]) -> str:
@@ -101,21 +102,28 @@ def _optimizer(train_args: list[str]) -> str:
     return chosen
 
 
-def command(program: str, layers: tuple[int, ...], ranks: int, opts: Options, summary: str) -> list[str]:
-    """The command line that runs `program` at these layers and ranks."""
+def command(name: str, layers: tuple[int, ...], ranks: int, opts: Options, summary: str,
+            hosts=None) -> list[str]:
+    """The command line that runs program `name` (ddp:NAME: a variant of ddp) at these
+    layers and ranks; the MPI programs across `hosts` (EmulatedHosts) if given."""
     loop = _loop_args(layers, ranks, opts)
-    # 1 rank runs under `mpirun -n 1` too, ddp-train included, so every MPI program starts
-    # alike (against a plain process it made no difference beyond the run-to-run noise)
-    mpirun = [*opts.mpirun, "-n", str(ranks)]
+    program = base_program(name)
+
+    def mpi(argv: list[str]) -> list[str]:
+        # 1 rank runs under `mpirun -n 1` too, ddp-train included, so every MPI program
+        # starts alike (against a plain process it made no difference beyond the noise)
+        return hosts.command(ranks, argv) if hosts else [*opts.mpirun, "-n", str(ranks), *argv]
+
     if program == "limit":
-        return [*mpirun, PY, "-m", "ddp.benchloops", "lean", "--no-comm", *loop]
+        return mpi([PY, "-m", "ddp.benchloops", "lean", "--no-comm", *loop])
     if program == "lean":
-        return [*mpirun, PY, "-m", "ddp.benchloops", "lean", *loop]
+        return mpi([PY, "-m", "ddp.benchloops", "lean", *loop])
     if program == "ddp":
-        return [*mpirun, PY, "-m", "ddp", "train", *_train_args(layers, ranks, opts, summary)]
+        return mpi([PY, "-m", "ddp", "train",
+                    *_train_args(layers, ranks, opts, summary, opts.train_flags(name))])
     if program == "zmq":
         return [PY, "-m", "ddp", "train", "--backend", "zmq", "--workers", str(ranks),
-                *_train_args(layers, ranks, opts, summary)]
+                *_train_args(layers, ranks, opts, summary, opts.train_args)]
     if program == "torch":
         return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                 "-m", "ddp.benchloops", "torch", *loop]
@@ -139,7 +147,7 @@ def read_result(program: str, stdout: str, summary_path: str) -> dict:
     if program in ("ddp", "zmq"):
         result = _train_result(program, summary_path)
     else:
-        result = _loop_result(stdout)
+        result = loop_result(stdout)
     if not _positive(result.get("samples_per_second")):
         raise RunFailed(f"bad samples_per_second: {result.get('samples_per_second')!r}")
     return result
@@ -170,19 +178,19 @@ def _train_result(program: str, summary_path: str) -> dict:
     return result
 
 
-def _loop_result(stdout: str) -> dict:
-    """The last JSON line on stdout that holds a samples_per_second."""
+def loop_result(stdout: str, key: str = "samples_per_second") -> dict:
+    """The last JSON line on stdout that holds `key`."""
     for line in reversed(stdout.splitlines()):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "samples_per_second" in record:
+        if isinstance(record, dict) and key in record:
             return record
     raise RunFailed("no JSON result line on stdout")
 
 
-def _failure(proc: Process, timeout: float) -> str | None:
+def failure(proc: Process, timeout: float) -> str | None:
     """Why a run that did not exit 0 failed, in one line; None if it did."""
     if proc.timed_out:
         return f"timed out after {timeout:g} s" + \
@@ -192,16 +200,22 @@ def _failure(proc: Process, timeout: float) -> str | None:
     return None
 
 
-def run_program(program: str, layers, ranks: int, opts: Options, tmpdir: str, tag: str) -> dict:
-    """Run one program once; its record: the command, exit, wall time and, if it
+def run_program(name: str, layers, ranks: int, opts: Options, tmpdir: str, tag: str,
+                hosts=None) -> dict:
+    """Run program `name` once (across `hosts`, EmulatedHosts, if given); its record:
+    the command, exit, wall time, the bytes every host sent and received, and, if it
     succeeded, its rates (else `ok` False and the `error`)."""
     summary_path = os.path.join(tmpdir, f"{tag}.json")
-    cmd = command(program, layers, ranks, opts, summary_path)
-    record = {"program": program, "layers": list(layers), "ranks": ranks,
+    cmd = command(name, layers, ranks, opts, summary_path, hosts)
+    program = base_program(name)
+    record = {"program": name, "layers": list(layers), "ranks": ranks,
               "threads_per_rank_env": opts.threads_per_rank(ranks), "command": shlex.join(cmd)}
+    before = hosts.counters() if hosts else None
     proc = run_process(cmd, run_env(ranks, opts), opts.timeout)
     record.update(returncode=proc.returncode, wall_seconds=proc.seconds)
-    error = _failure(proc, opts.timeout)
+    if hosts:
+        record["host_bytes"] = hosts.bytes_since(before)
+    error = failure(proc, opts.timeout)
     if error is None:
         try:
             record["result"] = read_result(program, proc.stdout, summary_path)
