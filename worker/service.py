@@ -60,6 +60,12 @@ class Hellos:
         self.last = now
         return True
 
+    def connected(self) -> None:
+        """A connection was just made: the next hello is due at once. A hello sent while
+        there was none was dropped (the socket queues nothing then), and waiting for the
+        next tick would add up to HELLO_EVERY to every reconnect."""
+        self.last = 0.0
+
 
 class ThreadShare:
     """The BLAS threads the coordinator sizes for this worker (its share of the host),
@@ -140,8 +146,8 @@ class WorkerService:
                 events = dict(poller.poll(int(min(self.heartbeat, 0.5) * 1000)))
                 if self.compute.wake in events:
                     self._send_results()
-                if self.conn.monitor in events:
-                    self.conn.check_handshakes()
+                if self.conn.monitor in events and self.conn.check_handshakes():
+                    self.hellos.connected()
                 if self.conn.sock in events:
                     code = self._receive()
                     if code is not None:
