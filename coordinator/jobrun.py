@@ -183,17 +183,22 @@ class JobRun:
                         weight_sum=shards.weight_sum)
             self.record.step, self.record.last_step = run.step, time.time()
         if self.in_flight:
+            if not self.members:  # all gone mid-step: its rows wait for a worker to join
+                self.monitor.set_state("waiting-for-workers")
             return
         if run.done or self.ending is not None:
             return self._close()
-        if len(self.members) >= self.cfg.min_workers:
-            if self.record.first_step is None or self.record.first_step < self.record.started:
-                self.record.first_step = time.time()
-                self.monitor.set_state("training")
-            shards.step, shards.step_compute = run.step, 0.0
-            self.t_step = time.perf_counter()
-            shards.start(run.step, run.params, self.setup.schedule.batch_len(run.step))
-            self.in_flight = True
+        if len(self.members) < self.cfg.min_workers:
+            # as the one-job coordinator says it: /status shows why no step is made
+            self.monitor.set_state("waiting-for-workers")
+            return
+        if self.record.first_step is None or self.record.first_step < self.record.started:
+            self.record.first_step = time.time()
+        self.monitor.set_state("training")
+        shards.step, shards.step_compute = run.step, 0.0
+        self.t_step = time.perf_counter()
+        shards.start(run.step, run.params, self.setup.schedule.batch_len(run.step))
+        self.in_flight = True
 
     def result(self, member: Member, msg: dict, frames: list) -> None:
         if self.phase != "running":
