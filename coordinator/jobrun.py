@@ -182,18 +182,19 @@ class JobRun:
             run.update_(loss, correct, n, self.t_step, compute, wall - compute,
                         weight_sum=shards.weight_sum)
             self.record.step, self.record.last_step = run.step, time.time()
-        if self.in_flight:
-            return
-        if run.done or self.ending is not None:
+        if not self.in_flight and (run.done or self.ending is not None):
             return self._close()
-        if len(self.members) >= self.cfg.min_workers:
-            if self.record.first_step is None or self.record.first_step < self.record.started:
-                self.record.first_step = time.time()
-                self.monitor.set_state("training")
-            shards.step, shards.step_compute = run.step, 0.0
-            self.t_step = time.perf_counter()
-            shards.start(run.step, run.params, self.setup.schedule.batch_len(run.step))
-            self.in_flight = True
+        # as a one-job coordinator's, /status says when no step is made for want of workers
+        short = not self.members if self.in_flight else len(self.members) < self.cfg.min_workers
+        self.monitor.set_state("waiting-for-workers" if short else "training")
+        if self.in_flight or short:
+            return
+        if self.record.first_step is None or self.record.first_step < self.record.started:
+            self.record.first_step = time.time()
+        shards.step, shards.step_compute = run.step, 0.0
+        self.t_step = time.perf_counter()
+        shards.start(run.step, run.params, self.setup.schedule.batch_len(run.step))
+        self.in_flight = True
 
     def result(self, member: Member, msg: dict, frames: list) -> None:
         if self.phase != "running":

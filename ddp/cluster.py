@@ -266,7 +266,7 @@ class Cluster:
         _run("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "ddp_loss", check=False)
         if percent:
             rules = ("table inet ddp_loss { chain input { type filter hook input priority 0; "
-                     f"policy accept; numgen random mod 10000 < {round(percent * 100)} drop; }} }}")
+                     f"policy accept; numgen random mod 10000 < {round(percent * 100)} drop; }}; }}")
             _run("ip", "netns", "exec", ns, "nft", rules)
 
     def set_up(self, i: int, up: bool) -> None:

@@ -6,16 +6,22 @@ same (float64, up to summation order).
 """
 from __future__ import annotations
 
+import io
+import math
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
+import zmq
 from helpers import MPIRUN, PY, alive, descendants, one_error_line, read_json, run, train
 from zmq_helpers import (HELLO, SMALL, ipc, max_param_diff, ordered_sum, procs,  # noqa: F401, F811
                          served)  # (procs, served: fixtures)
+
+from ddp import protocol
 
 ATOL = 1e-10
 
@@ -190,6 +196,41 @@ def test_workers_of_a_silent_coordinator_reconnect_and_the_run_ends_exactly(tmp_
     assert coord.wait(120) == 0, coord.stderr
     assert max_param_diff(reference, out) <= ATOL
     assert all(w.wait(30) == 0 for w in workers)
+
+
+def test_a_worker_says_hello_the_moment_its_connection_is_made(tmp_path, monkeypatch):
+    """A worker with no coordinator yet (one not started, or behind a cut link) says
+    hello as soon as a connection is made, not at its next periodic hello: the ones it
+    said meanwhile were dropped (its socket queues nothing while unconnected). Periodic
+    hellos are pushed out of the test's reach, so only the connection can prompt one."""
+    from ddp.log import Log
+    from ddp.signals import StopRequest
+    from ddp.worker import service
+
+    monkeypatch.setattr(service, "HELLO_EVERY", 1e6)
+    ep = ipc(tmp_path, "later.sock")
+    stop = StopRequest()
+    worker = service.WorkerService(ep, Log(0, "ddp-worker", stream=io.StringIO()), stop)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.hellos.last == -math.inf:  # its first hello went nowhere
+            assert time.monotonic() < deadline, "the worker never said its first hello"
+            time.sleep(0.01)
+        router.bind(ep)
+        assert router.poll(30_000), "no hello after the connection was made"
+        frames = router.recv_multipart()
+        assert protocol.decode(frames[1], protocol.FROM_WORKER)["type"] == "hello"
+    finally:
+        stop.signum = signal.SIGTERM
+        thread.join(30)
+        router.close()
+        ctx.term()
+    assert not thread.is_alive()
 
 
 def test_embedded_ctrl_c_cleans_up_and_resumes(tmp_path, procs, reference):

@@ -18,6 +18,12 @@ from ddp import protocol
 from ddp.errors import DDPError, EXIT_UNREACHABLE, UsageError
 from ddp.protocol import ProtocolError
 
+# A connection attempt is given up (and started afresh 0.1 s later, libzmq's reconnect
+# interval) after this long. While a link is down the kernel retransmits a SYN after 1, 3,
+# 7, 15, 31 ... s, so one attempt left to the kernel is answered that long after the link
+# returns: after a 30 s cut, up to 30 s late. Two seconds allow one SYN to be lost.
+CONNECT_TIMEOUT_MS = 2000
+
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
@@ -60,6 +66,15 @@ def check_endpoint(endpoint: str) -> None:
         raise UsageError(f"--connect {endpoint}: {e}")
 
 
+def dealer(ctx: zmq.Context, keys=None) -> zmq.Socket:
+    """A DEALER to a coordinator: no lingering, connection attempts bounded, CURVE if keys."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+    _secure(sock, keys)
+    return sock
+
+
 def _secure(sock: zmq.Socket, keys) -> None:
     """CURVE on `sock` with keys (public, secret, server public); nothing for None."""
     if keys is not None:
@@ -81,11 +96,9 @@ class Connection:
 
     def open(self) -> None:
         self.close(linger=0)
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = dealer(self.ctx, self.keys)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no hellos queued while there is no connection
         sock.setsockopt(zmq.ROUTING_ID, os.urandom(16))
-        _secure(sock, self.keys)
         self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         self.failed_handshakes = 0
         sock.connect(self.endpoint)
@@ -120,20 +133,24 @@ class Connection:
         except zmq.Again:
             return None
 
-    def check_handshakes(self) -> None:
-        """Read the monitor's events; raise UsageError for a failure retrying cannot fix."""
+    def check_handshakes(self) -> bool:
+        """Read the monitor's events: True when a connection was made (its handshake
+        succeeded); UsageError for a failure retrying cannot fix."""
         from zmq.utils.monitor import recv_monitor_message
 
+        connected = False
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.failed_handshakes = 0
+                connected = True
                 continue
             self.failed_handshakes += 1
             message = handshake_error(event, self.endpoint, self.keys is not None,
                                       self.failed_handshakes)
             if message:
                 raise UsageError(message)
+        return connected
 
 
 def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0,
@@ -143,9 +160,7 @@ def ask(endpoint: str, header: bytes, keys=None, timeout: float = 5.0,
     `timeout` seconds; UsageError when the CURVE handshake says why it never will."""
     check_endpoint(endpoint)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    _secure(sock, keys)
+    sock = dealer(ctx, keys)
     monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
     try:
         from zmq.utils.monitor import recv_monitor_message

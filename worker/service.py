@@ -12,6 +12,7 @@ config file, every header by `ddp.protocol`, and the parameter frame's exact siz
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -42,7 +43,7 @@ class Hellos:
 
     def __init__(self, endpoint: str, log: Log, retry_for: float | None):
         self.endpoint, self.log, self.retry_for = endpoint, log, retry_for
-        self.last = 0.0                       # the last hello
+        self.last = -math.inf                 # the last hello
         self.contact = time.monotonic()       # the coordinator last heard (or the start)
         self.last_wait_log = time.monotonic()
 
@@ -59,6 +60,13 @@ class Hellos:
             return False
         self.last = now
         return True
+
+    def now(self) -> None:
+        """The next hello is due at once: on a new socket, when told to rejoin, and when a
+        connection was just made. A hello sent while there was no connection was dropped
+        (the socket queues nothing then), and waiting for the next tick would add up to
+        HELLO_EVERY to every reconnect."""
+        self.last = -math.inf
 
 
 class ThreadShare:
@@ -120,7 +128,7 @@ class WorkerService:
     def _connect(self) -> None:
         self.conn.open()
         self.state = "hello"
-        self.hellos.last = 0.0
+        self.hellos.now()
         self.generation += 1  # results computed for an earlier membership are not sent
         self.compute.drop_tasks()
 
@@ -140,8 +148,8 @@ class WorkerService:
                 events = dict(poller.poll(int(min(self.heartbeat, 0.5) * 1000)))
                 if self.compute.wake in events:
                     self._send_results()
-                if self.conn.monitor in events:
-                    self.conn.check_handshakes()
+                if self.conn.monitor in events and self.conn.check_handshakes():
+                    self.hellos.now()
                 if self.conn.sock in events:
                     code = self._receive()
                     if code is not None:
@@ -218,7 +226,8 @@ class WorkerService:
         elif kind == "rejoin":
             if self.state != "hello":
                 self.log.info("the coordinator does not know this worker (restarted?); joining again")
-                self.state, self.hellos.last = "hello", 0.0
+                self.state = "hello"
+                self.hellos.now()
                 self.generation += 1
         elif kind == "stop":
             self.log.info(f"stopping: {msg['reason']}")
