@@ -89,8 +89,10 @@ def test_coordinator_killed_and_restarted(tmp_path, procs, reference):
     workers, which notice the silence, reconnect by themselves."""
     ep = ipc(tmp_path)
     out = tmp_path / "out.npz"
+    # both workers take part from the first step: a worker slower to start than the
+    # first 45 steps would otherwise meet only the second coordinator, with nothing to notice
     args = [*JOB, "--worker-timeout", "1", "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--checkpoint-every", "10", "--output", str(out)]
+            "--checkpoint-every", "10", "--min-workers", "2", "--output", str(out)]
     coord = procs.coordinator(ep, args)
     workers = [procs.worker(ep) for _ in range(2)]
     coord.wait_for(r"^step 45/400 ")
