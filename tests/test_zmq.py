@@ -62,17 +62,24 @@ def test_worker_killed_at_a_random_step_and_another_stopped(tmp_path, procs, ref
     another: it says bye (exit 143) and leaves. The last one finishes the job exactly."""
     ep = ipc(tmp_path)
     out = tmp_path / "out.npz"
-    coord = procs.coordinator(ep, [*JOB, "--min-workers", "1", "--output", str(out),
-                                   "--summary-json", str(tmp_path / "s.json")])
+    coord = procs.coordinator(ep, [*JOB, "--min-workers", "1", "--worker-timeout", "30",
+                                   "--output", str(out), "--summary-json", str(tmp_path / "s.json")])
     workers = [procs.worker(ep) for _ in range(3)]
     coord.wait_for(r"worker 3 joined")
     victim, leaver = random.sample(workers, 2)
+    survivor = next(w for w in workers if w is not victim and w is not leaver)
     coord.wait_for(rf"^step {random.randint(5, 60)}/400 ")
     os.kill(victim.pid, signal.SIGKILL)
     lost = coord.wait_for(r"worker \d+ is lost")
-    os.kill(leaver.pid, signal.SIGTERM)
-    assert leaver.wait(30) == 128 + signal.SIGTERM, leaver.stderr
-    left = coord.wait_for(r"worker \d+ left")
+    # the survivor holds its shard until the leaver has gone: the job cannot end first
+    # (it would in a second on its own); --worker-timeout 30 keeps it a member meanwhile
+    os.kill(survivor.pid, signal.SIGSTOP)
+    try:
+        os.kill(leaver.pid, signal.SIGTERM)
+        assert leaver.wait(30) == 128 + signal.SIGTERM, leaver.stderr
+        left = coord.wait_for(r"worker \d+ left")
+    finally:
+        os.kill(survivor.pid, signal.SIGCONT)
     assert coord.wait(120) == 0, coord.stderr
     assert max_param_diff(reference, out) <= ATOL
     s = read_json(tmp_path / "s.json")
@@ -80,7 +87,6 @@ def test_worker_killed_at_a_random_step_and_another_stopped(tmp_path, procs, ref
     # a recovery for each step in which a departure left rows to recompute
     held = [m for m in (lost, left) if "go to other workers" in m.string]
     assert bool(s["recovery_seconds"]) == bool(held) and len(s["recovery_seconds"]) <= len(held)
-    survivor = next(w for w in workers if w is not victim and w is not leaver)
     assert survivor.wait(30) == 0, survivor.stderr  # told to stop when the job finished
 
 
