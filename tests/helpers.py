@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,3 +173,15 @@ def expect_error(res: Result, prog: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
     return line
+
+
+def until(done, what: str, timeout: float = 60.0, log: str = ""):
+    """Poll `done()` every 0.1 s until it is true, and return its value; fail after
+    `timeout` s, saying `what` did not happen (and showing `log`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = done()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"{what} within {timeout} s" + (f"; log:\n{log}" if log else ""))

@@ -22,6 +22,7 @@ import pytest
 from cluster_helpers import make_cluster, syn_attempts, tcp_counter
 from ddp import cluster
 from helpers import PY, read_json, run
+from helpers import until as wait_until
 from inproc import train_here
 from zmq_helpers import max_param_diff, procs  # noqa: F401 (fixture)
 
@@ -113,14 +114,8 @@ class Hosts:
 
 
 def until(done, what: str, timeout: float = 60.0, context=None):
-    """Poll `done()` until it is true (returned); fail after `timeout` s, showing the log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = done()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what} within {timeout} s" + (f"; log:\n{context.stderr}" if context else ""))
+    """helpers.until, showing the log of `context` (a process) if it fails."""
+    return wait_until(done, what, timeout, context.stderr if context else "")
 
 
 def matching(proc, pattern: str, since: int = 0) -> list[re.Match]:
@@ -246,7 +241,7 @@ def test_service_job_survives_a_cut_worker_and_ends_as_one_process(links, procs,
     net, hosts = links, Hosts(links, procs, tmp_path)
     service = hosts.coordinator("--insecure", "--state-dir", str(tmp_path / "state"))
     service.wait_for(r"^service on ", timeout=60)
-    cut, other = hosts.worker(1), hosts.worker(2)
+    hosts.worker(1), hosts.worker(2)
 
     def job(*args, timeout=60):
         return run(net.on_host(3, [PY, "-m", "ddp", "job", *args, "--connect", ENDPOINT]),

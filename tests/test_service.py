@@ -13,8 +13,7 @@ import signal
 import time
 
 import numpy as np
-import pytest
-from helpers import PY, _env, free_port, one_error_line, read_json, run
+from helpers import PY, _env, free_port, one_error_line, read_json, run, until
 from inproc import train_here
 from zmq_helpers import ipc, max_param_diff, procs  # noqa: F401 (fixture)
 
@@ -66,13 +65,7 @@ class Service:
         return self.job("wait", job_id, timeout=TIMEOUT).returncode
 
     def until(self, done, what: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = done()
-            if value:
-                return value
-            time.sleep(0.1)
-        pytest.fail(f"{what} within {timeout}s; service log:\n{self.proc.stderr}")
+        return until(done, what, timeout, log=self.proc.stderr)
 
     def model(self, job_id):
         return self.state / "jobs" / job_id / "model.npz"
