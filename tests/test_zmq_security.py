@@ -401,3 +401,21 @@ def test_worker_status_of_a_waiting_coordinator(procs):
     assert state["state"] == "waiting", state
     assert state["min_workers"] == 2 and state["workers"] == [] and state["step"] == 0, state
     assert coord.p.poll() is None, coord.stderr
+
+
+def test_a_plain_worker_reset_in_every_handshake_is_told_the_coordinator_may_need_curve():
+    """A CURVE coordinator resets a keyless worker's connection on its greeting; when the
+    reset beats the coordinator's own greeting, libzmq reports no mismatch, only a failed
+    handshake without detail. Three in a row end the worker with what to do, as a wrong
+    --server-key does; fewer are retried (a coordinator restarting mid-handshake)."""
+    import zmq
+
+    from ddp.worker.connection import handshake_error
+
+    no_detail, endpoint = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, "tcp://127.0.0.1:5555"
+    assert handshake_error(no_detail, endpoint, curve=False, failures=2) is None
+    plain = handshake_error(no_detail, endpoint, curve=False, failures=3)
+    assert "drops the connection during the handshake" in plain and "CURVE keys" in plain
+    assert "--server-key" in handshake_error(no_detail, endpoint, curve=True, failures=3)
+    mismatch = handshake_error(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, endpoint, curve=False, failures=1)
+    assert "both sides need CURVE keys" in mismatch

@@ -43,10 +43,15 @@ def handshake_error(event: int, endpoint: str, curve: bool, failures: int,
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return (f"security handshake with the coordinator at {endpoint} failed: both sides "
                 f"need CURVE keys (--curve-secret, --server-key) or neither")
-    if curve and failures >= 3:  # the server could not decrypt us: a wrong server key
+    if failures < 3:  # a coordinator restarting mid-handshake: try again
+        return None
+    if curve:  # the server could not decrypt us: a wrong server key
         return (f"the coordinator at {endpoint} drops the connection during the CURVE "
                 f"handshake: is --server-key the coordinator's public key (coordinator.key)?")
-    return None
+    # a CURVE server resets a plain client's connection on reading its greeting, and
+    # the reset can come before the client has read the server's (the mismatch unseen)
+    return (f"the coordinator at {endpoint} drops the connection during the handshake: "
+            f"it may need CURVE keys (--curve-secret, --server-key)")
 
 
 def load_keys(secret_file: str | None, server_key_file: str | None):
