@@ -216,6 +216,22 @@ def test_a_watcher_sees_the_final_state_before_the_server_stops():
         closing.join(60)
 
 
+def test_a_poll_answered_before_the_end_is_not_the_watchers_last():
+    """A poll whose answer was built before the run ended showed the state before the end:
+    it must not let close() stop serving (the watcher would never see the final state)."""
+    m = new_monitor()
+    m.serve("127.0.0.1", 0, linger=60)
+    server = m.server
+    try:
+        server.run_ended()
+        server.served("/api/history", after_end=False)
+        assert not server.final_seen.is_set()
+        server.served("/api/history", after_end=True)
+        assert server.final_seen.is_set()
+    finally:
+        m.close(0, None)
+
+
 # --- flags ---------------------------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ class MonitorServer:
 
     def __init__(self, views, addr: str, port: int, linger: float = LINGER_SECONDS):
         self.views, self.linger = views, linger
-        self.last_request = -math.inf        # monotonic time of the last request served
+        self.last_request = -math.inf        # monotonic time of the last request that came in
         self.ended = False                   # the run's final state is recorded
         self.final_seen = threading.Event()  # a poll after the end saw the final state
         handler = type("Handler", (_Handler,), {"site": self, "static": static_files()})
@@ -65,9 +65,16 @@ class MonitorServer:
         threading.Thread(target=self.httpd.serve_forever, args=(POLL_SECONDS,), name="ddp-metrics",
                          daemon=True).start()
 
-    def served(self, path: str) -> None:
+    def arrived(self) -> bool:
+        """A request came in: someone watches (noted before it is answered, so that a
+        client holding its answer is always known to close()). Whether the run had
+        ended by then: only then can the answer show the final state."""
         self.last_request = time.monotonic()
-        if self.ended and path in ("/api/history", "/metrics"):  # the dashboard's last poll, a scrape
+        return self.ended
+
+    def served(self, path: str, after_end: bool) -> None:
+        """A request was answered; `after_end` as `arrived` said."""
+        if after_end and path in ("/api/history", "/metrics"):  # the dashboard's last poll, a scrape
             self.final_seen.set()
 
     def run_ended(self) -> None:
@@ -113,12 +120,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(obj, allow_nan=False).encode(), "application/json")
 
     def do_GET(self):  # noqa: N802
-        url = urlsplit(self.path)
+        url, after_end = urlsplit(self.path), self.site.arrived()
         try:
             self._route(url)
         except (BrokenPipeError, ConnectionResetError):
             return
-        self.site.served(url.path)
+        self.site.served(url.path, after_end)
 
     def _route(self, url) -> None:
         path, views = url.path, self.site.views
